@@ -1,0 +1,14 @@
+"""Reference codebook gather: ``codebook[indices]`` with the code dimension placed at ``dim``."""
+
+import torch
+
+
+def forward(indices: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Tensor:
+    return codebook[indices].movedim(-1, dim).contiguous()
+
+
+def backward(grad: torch.Tensor, indices: torch.Tensor, num_codes: int, dim: int) -> torch.Tensor:
+    rows = grad.movedim(dim, -1).reshape(-1, grad.shape[dim])
+    out = rows.new_zeros(num_codes, rows.shape[1])
+    # index_put_ with accumulate is deterministic under torch.use_deterministic_algorithms.
+    return out.index_put_((indices.reshape(-1),), rows, accumulate=True)
