@@ -12,10 +12,13 @@ def normalize(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tenso
     return torch.native_group_norm(x.float(), None, None, n, c, math.prod(x.shape[2:]), num_groups, eps)
 
 
+def grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, *spatial) -> (N, groups, C // groups * prod(spatial)); explicit sizes so N = 0 works."""
+    return t.reshape(t.shape[0], groups, t.shape[1] // groups * math.prod(t.shape[2:]))
+
+
 def x_hat_from_stats(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    groups = mean.shape[1]
-    shape = (x.shape[0], groups, -1)
-    return ((x.float().reshape(shape) - mean[..., None]) * rstd[..., None]).view(x.shape)
+    return ((grouped(x.float(), mean.shape[1]) - mean[..., None]) * rstd[..., None]).view(x.shape)
 
 
 def per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -44,9 +47,7 @@ def activation_grad(grad: torch.Tensor, y: torch.Tensor, activation: str | None)
 
 def group_norm_input_grad(g_hat: torch.Tensor, x_hat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """d loss / d x from d loss / d x_hat: ``rstd * (g - mean(g) - x_hat * mean(g * x_hat))`` per group."""
-    n, groups = rstd.shape
-    g = g_hat.reshape(n, groups, -1)
-    xh = x_hat.reshape(n, groups, -1)
+    g, xh = grouped(g_hat, rstd.shape[1]), grouped(x_hat, rstd.shape[1])
     dx = (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True)) * rstd[..., None]
     return dx.view(g_hat.shape)
 
