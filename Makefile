@@ -14,6 +14,7 @@ $(PY):
 # torch is installed only when none is importable, so a CUDA build already there is kept.
 setup: $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install setuptools wheel
 	$(PIP) install --no-build-isolation -e ".[test]"
 
 test: setup
