@@ -140,6 +140,12 @@ def test_group_norm_act_forward_backward(shape, groups, affine, activation, chan
         torch.testing.assert_close(ours.grad.float(), theirs.grad.to(ours.dtype).float(), rtol=tol, atol=tol * scale)
 
 
+def test_group_norm_act_strided_input():
+    x = torch.randn(2, 8, 6, 10)[..., ::2]  # neither contiguous nor channels_last
+    expected = eager_group_norm_act(x.contiguous(), 4, None, None, 1e-6, "silu")
+    torch.testing.assert_close(ops.group_norm_act(x, 4), expected)
+
+
 def test_group_norm_act_keeps_half_input_under_autocast():
     x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -33,6 +33,8 @@ CASES = [
     (lambda: ops.group_norm_act(x, 3, eps=0.0), ValueError, "eps must be positive"),
     (lambda: ops.spatial_norm_act(x, x[:, :, :1, :1], x[:, :3], 3), ValueError, "shift must have f's batch and channels"),
     (lambda: ops.spatial_norm_act(x, x[0], x, 3), ValueError, "scale must have 4 dimensions"),
+    (lambda: ops.spatial_norm_act(x, x[:, :, :1, :1], x[:, :, :2, :2], 3), ValueError, "scale and shift must have the same shape"),
+    (lambda: ops.spatial_norm_act(x, x[:, :, :0], x[:, :, :0], 3), ValueError, "scale is empty but f is not"),
     (lambda: ops.codebook_gather(torch.tensor([0, 8]), cb), IndexError, "indices must lie in [0, 8)"),
     (lambda: ops.codebook_gather(torch.tensor([0.0]), cb), TypeError, "indices must be int64 or int32"),
 ]

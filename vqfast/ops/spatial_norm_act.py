@@ -97,5 +97,9 @@ def spatial_norm_act(
         _checks.same_device(name, t, "f", f)
         if t.shape[:2] != f.shape[:2]:
             raise ValueError(f"{name} must have f's batch and channels {tuple(f.shape[:2])}, got {tuple(t.shape)}")
+        if f.numel() and not t.numel():
+            raise ValueError(f"{name} is empty but f is not: nothing to upsample from, shape {tuple(t.shape)}")
+    if scale.shape != shift.shape:
+        raise ValueError(f"scale and shift must have the same shape, got {tuple(scale.shape)} and {tuple(shift.shape)}")
     act = _checks.activation(activation)
     return _spatial_norm_act(f, scale, shift, num_groups, weight, bias, float(eps), act)[0]

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 def normalize(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_hat, mean, rstd)`` in float32; mean and rstd have shape (N, num_groups)."""
     n, c = x.shape[:2]
-    return torch.native_group_norm(x.float(), None, None, n, c, math.prod(x.shape[2:]), num_groups, eps)
+    x = x.float()
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()  # native_group_norm takes NCHW or channels_last, not other strides
+    return torch.native_group_norm(x, None, None, n, c, math.prod(x.shape[2:]), num_groups, eps)
 
 
 def grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
