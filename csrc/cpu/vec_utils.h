@@ -1,0 +1,111 @@
+// Shared helpers for the CPU kernels: float32 vectors loaded from / stored to float, bfloat16 and
+// float16 memory, with a scalar tail; and a fast SiLU with its derivative.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace vqfast {
+namespace cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+
+template <typename T>
+inline Vec vload(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  }
+}
+
+// Loads n (< kVec) elements; the rest of the lanes are zero.
+template <typename T>
+inline Vec vload_partial(const T* p, int64_t n) {
+  float tmp[kVec] = {};
+  for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
+  return Vec::loadu(tmp);
+}
+
+template <typename T>
+inline void vstore(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, kVec);
+  }
+}
+
+template <typename T>
+inline void vstore_partial(T* p, const Vec& v, int64_t n) {
+  float tmp[kVec];
+  v.store(tmp);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
+}
+
+// Loads the whole vector at p, or only its first n lanes when n < kVec.
+template <typename T>
+inline Vec vload_n(const T* p, int64_t n) {
+  return n >= kVec ? vload(p) : vload_partial(p, n);
+}
+
+template <typename T>
+inline void vstore_n(T* p, const Vec& v, int64_t n) {
+  if (n >= kVec) {
+    vstore(p, v);
+  } else {
+    vstore_partial(p, v, n);
+  }
+}
+
+// 1 / d: a hardware estimate refined by one Newton step (relative error ~1e-7) where there is one.
+inline Vec reciprocal(const Vec& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec r(_mm512_rcp14_ps(d));
+  return r * (Vec(2.f) - d * r);
+#else
+  return Vec(1.f) / d;
+#endif
+}
+
+inline Vec sigmoid(const Vec& y) { return reciprocal(Vec(1.f) + (Vec(0.f) - y).exp_u20()); }
+
+inline Vec silu(const Vec& y) { return y * sigmoid(y); }
+
+// d silu(y) / dy = s * (1 + y * (1 - s)), s = sigmoid(y).
+inline Vec silu_grad(const Vec& y) {
+  const Vec one(1.f);
+  const Vec s = sigmoid(y);
+  return s * (one + y * (one - s));
+}
+
+// Calls f(T{}) with T the C++ type of a float32 / bfloat16 / float16 dtype.
+template <typename F>
+decltype(auto) dispatch_float(c10::ScalarType t, const char* name, F&& f) {
+  switch (t) {
+    case c10::ScalarType::Float:
+      return f(float{});
+    case c10::ScalarType::BFloat16:
+      return f(c10::BFloat16{});
+    case c10::ScalarType::Half:
+      return f(c10::Half{});
+    default:
+      TORCH_CHECK(false, name, ": expected float32, bfloat16 or float16, got ", t);
+  }
+}
+
+inline float sum_lanes(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+}  // namespace cpu
+}  // namespace vqfast

@@ -1,0 +1,59 @@
+// vqfast._C: operator schemas (namespace vqfast_C) and the Python module that registers them.
+//
+// Importing vqfast._C loads this library, whose static initializers register the schemas below and
+// the CPU (csrc/cpu/) and, when built against a CUDA torch, CUDA (csrc/cuda/*_launch.cpp) kernels.
+// The Python custom ops of vqfast.ops reach them through vqfast/native/<op>.py, which calls
+// torch.ops.vqfast_C.<op>.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(vqfast_C, m) {
+  m.def("nearest_code(Tensor z, Tensor codebook, int dim) -> Tensor");
+  m.def(
+      "group_norm_act(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm_act_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor mean,"
+      " Tensor rstd, bool silu) -> (Tensor, Tensor, Tensor)");
+  // source: for every spatial position of f (row-major), the row-major spatial position of
+  // scale/shift it reads (nearest upsampling, as F.interpolate picks it).
+  m.def(
+      "spatial_norm_act(Tensor f, Tensor scale, Tensor shift, Tensor source, int num_groups,"
+      " Tensor? weight, Tensor? bias, float eps, bool silu) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "spatial_norm_act_backward(Tensor grad, Tensor f, Tensor scale, Tensor shift, Tensor source,"
+      " Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, bool silu)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+PyObject* has_cuda(PyObject*, PyObject*) {
+#ifdef VQFAST_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyObject* cpu_capability(PyObject*, PyObject*) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return PyUnicode_FromString("AVX512");
+#elif defined(CPU_CAPABILITY_AVX2)
+  return PyUnicode_FromString("AVX2");
+#else
+  return PyUnicode_FromString("DEFAULT");
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"has_cuda", has_cuda, METH_NOARGS, "Whether vqfast._C was built with its CUDA kernels."},
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The vector instruction set the CPU kernels use."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "vqfast's compiled kernels", -1, methods};
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C() { return PyModule_Create(&module); }
