@@ -43,8 +43,8 @@ def codebook(cb: torch.Tensor, z: torch.Tensor, z_name: str, dim: int) -> None:
     rank("codebook", cb, exactly=2)
     same_device("codebook", cb, z_name, z)
     same_dtype("codebook", cb, z_name, z)
-    if cb.shape[0] == 0:
-        raise ValueError("codebook must have at least one row (code)")
+    if cb.shape[0] == 0 or cb.shape[1] == 0:
+        raise ValueError(f"codebook must have at least one code of at least one element, got shape {tuple(cb.shape)}")
     if cb.shape[1] != z.shape[dim]:
         raise ValueError(
             f"codebook has vectors of size {cb.shape[1]} but {z_name} has size {z.shape[dim]} along dim={dim}"

@@ -43,8 +43,8 @@ def backward(grad, f, scale, shift, weight, bias, mean, rstd, activation):
     x_hat = x_hat_from_stats(f, mean, rstd)
     norm = affine(x_hat, weight, bias)
     g_pre = activation_grad(grad.float(), norm * _up(scale, f) + _up(shift, f), activation)
-    grad_scale = _down_sum(g_pre * norm, scale).to(scale.dtype)
-    grad_shift = _down_sum(g_pre, shift).to(shift.dtype)
+    grad_scale = torch.empty_like(scale).copy_(_down_sum(g_pre * norm, scale))
+    grad_shift = torch.empty_like(shift).copy_(_down_sum(g_pre, shift))
     g_hat, grad_weight, grad_bias = affine_grads(g_pre * _up(scale, f), x_hat, weight)
     grad_f = torch.empty_like(f).copy_(group_norm_input_grad(g_hat, x_hat, rstd))
     return grad_f, grad_scale, grad_shift, grad_weight, grad_bias
