@@ -1,0 +1,57 @@
+"""The resnet block and the resampling layers of diffusers' VQModel encoder and decoder."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqfast.models.norms import norm_act
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers' ``ResnetBlock2D`` or, given ``zq_channels``, ``ResnetBlockCondNorm2D`` (SpatialNorm), as
+    VQModel builds them: no time embedding, dropout 0 and output_scale_factor 1, so neither is applied."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, num_groups: int, act_fn: str, zq_channels: int | None = None
+    ):
+        super().__init__()
+        self.norm1 = norm_act(in_channels, num_groups, act_fn, zq_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = norm_act(out_channels, num_groups, act_fn, zq_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(self.norm1(x, zq))
+        h = self.conv2(self.norm2(h, zq))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Pad right and bottom by one, then a stride-2 3x3 convolution (diffusers' Downsample2D, padding=0)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample2D(nn.Module):
+    """Nearest 2x upsampling, then a 3x3 convolution (diffusers' Upsample2D with use_conv=True)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As diffusers: the channels_last nearest kernel has failed on large batches and on outputs of
+        # 2**31 elements or more (diffusers#984, pytorch#141831), so those go through NCHW.
+        if x.shape[0] >= 64 or x.numel() * 2 > 2**31:
+            x = x.contiguous()
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -1,0 +1,131 @@
+"""``vqfast.VQModel``: diffusers' VQModel (same constructor, config, checkpoint keys and outputs) on vqfast's ops."""
+
+from typing import TypeVar
+
+import diffusers
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import AutoencoderMixin, DecoderOutput
+from diffusers.models.autoencoders.vq_model import VQEncoderOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
+from torch import nn
+
+from vqfast.models.quantizer import VectorQuantizer
+from vqfast.models.vae import Decoder, Encoder
+
+Model = TypeVar("Model", bound=ModelMixin)
+
+
+class VQModel(ModelMixin, AutoencoderMixin, ConfigMixin):
+    r"""A VQ-VAE: encoder, vector quantizer, decoder. A drop-in for ``diffusers.VQModel``: the same arguments
+    (see diffusers' documentation), config, ``state_dict`` keys, checkpoints and outputs.
+
+    ``norm_type="spatial"`` is MoVQ (Kandinsky): the decoder's norms are conditioned on the quantized latent.
+    ``lookup_from_codebook``: ``decode(indices, force_not_quantize=True, shape=(B, h, w, C))`` decodes
+    codebook indices (aMUSEd). ``force_upcast`` is only read by pipelines.
+    """
+
+    _skip_layerwise_casting_patterns = ["quantize"]
+    _supports_group_offloading = False
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",),
+        up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",),
+        block_out_channels: tuple[int, ...] = (64,),
+        layers_per_block: int = 1,
+        act_fn: str = "silu",
+        latent_channels: int = 3,
+        sample_size: int = 32,
+        num_vq_embeddings: int = 256,
+        norm_num_groups: int = 32,
+        vq_embed_dim: int | None = None,
+        scaling_factor: float = 0.18215,
+        norm_type: str = "group",  # group, spatial
+        mid_block_add_attention=True,
+        lookup_from_codebook=False,
+        force_upcast=False,
+    ):
+        super().__init__()
+        self.encoder = Encoder(
+            in_channels=in_channels,
+            out_channels=latent_channels,
+            down_block_types=down_block_types,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            act_fn=act_fn,
+            mid_block_add_attention=mid_block_add_attention,
+        )
+        vq_embed_dim = vq_embed_dim if vq_embed_dim is not None else latent_channels
+        self.quant_conv = nn.Conv2d(latent_channels, vq_embed_dim, 1)
+        self.quantize = VectorQuantizer(num_vq_embeddings, vq_embed_dim, beta=0.25, remap=None, sane_index_shape=False)
+        self.post_quant_conv = nn.Conv2d(vq_embed_dim, latent_channels, 1)
+        self.decoder = Decoder(
+            in_channels=latent_channels,
+            out_channels=out_channels,
+            up_block_types=up_block_types,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            act_fn=act_fn,
+            norm_type=norm_type,
+            mid_block_add_attention=mid_block_add_attention,
+        )
+
+    @apply_forward_hook
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> VQEncoderOutput | tuple[torch.Tensor]:
+        """Image ``x`` (B, in_channels, H, W) -> latents (B, vq_embed_dim, h, w), before quantization."""
+        h = self.quant_conv(self.encoder(x))
+        return VQEncoderOutput(latents=h) if return_dict else (h,)
+
+    @apply_forward_hook
+    def decode(
+        self,
+        h: torch.Tensor,
+        force_not_quantize: bool = False,
+        return_dict: bool = True,
+        shape: tuple[int, ...] | None = None,
+    ) -> DecoderOutput | tuple[torch.Tensor, torch.Tensor]:
+        """Latents -> image. ``h`` is quantized first unless ``force_not_quantize``; then, with
+        ``lookup_from_codebook``, ``h`` holds codebook indices for a latent of ``shape`` (B, h, w, C).
+        ``commit_loss`` is the quantizer's loss, or zeros of shape (B,) and h's dtype when not quantizing."""
+        if not force_not_quantize:
+            quant, commit_loss, _ = self.quantize(h)
+        else:
+            quant = self.quantize.get_codebook_entry(h, shape) if self.config.lookup_from_codebook else h
+            commit_loss = h.new_zeros(h.shape[0])
+        dec = self.decoder(self.post_quant_conv(quant), quant if self.config.norm_type == "spatial" else None)
+        return DecoderOutput(sample=dec, commit_loss=commit_loss) if return_dict else (dec, commit_loss)
+
+    def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor, ...]:
+        """Encode, quantize and decode ``sample``: ``DecoderOutput(sample, commit_loss)``."""
+        dec = self.decode(self.encode(sample).latents)
+        return dec if return_dict else (dec.sample, dec.commit_loss)
+
+    @classmethod
+    def from_diffusers(cls, model: diffusers.VQModel) -> "VQModel":
+        """A vqfast VQModel with ``model``'s config and a copy of its weights (same devices and dtypes)."""
+        return _convert(model, cls)
+
+    def to_diffusers(self) -> diffusers.VQModel:
+        """A ``diffusers.VQModel`` with this model's config and a copy of its weights."""
+        return _convert(self, diffusers.VQModel)
+
+
+def _convert(model: ModelMixin, cls: type[Model]) -> Model:
+    """``cls`` built from ``model``'s config, with a copy of each of its tensors (device, dtype and layout
+    kept), its train/eval mode and its parameters' requires_grad."""
+    with torch.device("meta"):  # no random init of weights that are overwritten at once
+        converted = cls.from_config(model.config)
+    converted.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, strict=True, assign=True)
+    converted.train(model.training)
+    source = dict(model.named_parameters())
+    for name, param in converted.named_parameters():
+        param.requires_grad_(source[name].requires_grad)
+    return converted
