@@ -10,8 +10,8 @@ import torch
 import vqfast
 
 # The real public configurations (shared/configs/*.json; keys starting with "_" are comments).
-CONFIG_DIRS = [Path(__file__).resolve().parents[1] / "shared" / "configs", Path("/work/shared/configs")]
-CONFIG_DIR = next((d for d in CONFIG_DIRS if d.is_dir()), None)
+# They live beside the repository (../shared/configs), where CI has them too.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "shared" / "configs"
 
 # Too heavy for CPU CI at full width (kandinsky-3's 256..1024 channels: ~270M parameters, 4x kandinsky-2's):
 # the same architecture with blocks a quarter as wide (the test id says "narrow").
@@ -40,8 +40,8 @@ def load_config(name: str) -> dict:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """``config_name``: every file of the configuration directory."""
     if "config_name" in metafunc.fixturenames:
-        if CONFIG_DIR is None:
-            raise FileNotFoundError(f"no VQModel configurations in any of {[str(d) for d in CONFIG_DIRS]}")
+        if not CONFIG_DIR.is_dir():
+            raise FileNotFoundError(f"no VQModel configurations at {CONFIG_DIR}")
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         ids = [f"{n}-narrow" if n in NARROWED else n for n in names]
         # Module scope: pytest runs a configuration's tests together, so ``pair`` is built once for them.

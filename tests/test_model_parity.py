@@ -225,6 +225,22 @@ def test_vector_quantizer(legacy, sane_index_shape, assert_matches):
 
 
 @torch.no_grad()
+def test_autocast_bfloat16(tiny_config, make_pair):
+    """Under autocast vqfast's norms keep bfloat16 where diffusers' upcast to float32, so the two agree
+    to bfloat16 precision (not bit for bit; a near-tie code may flip, so decode is compared unquantized),
+    and the float32 codebook promotes the latents in the quantizer as diffusers' arithmetic does."""
+    ref, ours = make_pair(tiny_config)
+    x = images(tiny_config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, ref_h = ours.encode(x).latents, ref.encode(x).latents
+        got, expected = ours.decode(ref_h, force_not_quantize=True).sample, ref.decode(ref_h, force_not_quantize=True).sample
+        z_q, ref_z_q = ours.quantize(ref_h)[0], ref.quantize(ref_h)[0]
+    assert (got.dtype, z_q.dtype) == (expected.dtype, ref_z_q.dtype)
+    for ours_t, ref_t in ((h, ref_h), (got, expected)):
+        torch.testing.assert_close(ours_t.float(), ref_t.float(), rtol=0, atol=0.05 * ref_t.abs().max().item())
+
+
+@torch.no_grad()
 def test_channels_last(tiny_config, make_pair, assert_matches):
     """channels_last in, channels_last all the way (every convolution sees it) and out, same results."""
     ref, ours = make_pair(tiny_config)

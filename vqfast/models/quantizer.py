@@ -40,6 +40,9 @@ class VectorQuantizer(nn.Module):
         """``(z_q, loss, (perplexity, min_encodings, indices))``: z_q in z's layout, the first two of the
         triple None as in diffusers, indices int64, flat in (batch, height, width) order or, with
         ``sane_index_shape``, shaped (batch, height, width)."""
+        # Under autocast the latents arrive in half precision while the codebook stays float32;
+        # diffusers' cdist and arithmetic promote them to float32, and so does this.
+        z = z.to(self.embedding.weight.dtype)
         z_q, loss, indices = vector_quantize(z, self.embedding.weight, self.beta, self.legacy, dim=1)
         if self.sane_index_shape:
             indices = indices.view(z.shape[0], z.shape[2], z.shape[3])
