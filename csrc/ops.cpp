@@ -24,6 +24,12 @@ TORCH_LIBRARY(vqfast_C, m) {
       "spatial_norm_act_backward(Tensor grad, Tensor f, Tensor scale, Tensor shift, Tensor source,"
       " Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, bool silu)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("vector_quantize(Tensor z, Tensor codebook, float beta, bool legacy, int dim) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "vector_quantize_backward(Tensor grad_z_q, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices,"
+      " float beta, bool legacy, int dim) -> (Tensor, Tensor)");
+  m.def("codebook_gather(Tensor indices, Tensor codebook, int dim) -> Tensor");
+  m.def("codebook_gather_backward(Tensor grad, Tensor indices, int num_codes, int dim) -> Tensor");
 }
 
 namespace {

@@ -1,19 +1,25 @@
 """The native backend (vqfast._C) against the torch reference: randomized shapes, strides, dtypes,
 empty batches, ties and non-finite input; forward and backward. CUDA cases skip without a GPU."""
 
+import contextlib
+
 import pytest
 import torch
 
 import vqfast
 from vqfast import backend
+from vqfast.reference import codebook_gather as ref_cg
 from vqfast.reference import group_norm_act as ref_gn
 from vqfast.reference import nearest_code as ref_nc
 from vqfast.reference import spatial_norm_act as ref_sn
+from vqfast.reference import vector_quantize as ref_vq
 
 native = pytest.importorskip("vqfast.native", reason="vqfast._C is not built")
+from vqfast.native import codebook_gather as nat_cg  # noqa: E402
 from vqfast.native import group_norm_act as nat_gn  # noqa: E402
 from vqfast.native import nearest_code as nat_nc  # noqa: E402
 from vqfast.native import spatial_norm_act as nat_sn  # noqa: E402
+from vqfast.native import vector_quantize as nat_vq  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CPU = torch.device("cpu")
@@ -42,9 +48,8 @@ def test_extension_and_backend_status():
 
     assert isinstance(_C.has_cuda(), bool)
     assert vqfast.backends()["native"].available
-    for op in ("nearest_code", "group_norm_act", "spatial_norm_act"):
+    for op in backend.OPS:
         assert native.supports(op, CPU) == ""
-    assert "no native kernel" in native.supports("codebook_gather", CPU)
     if not _C.has_cuda():
         assert "without CUDA" in native.supports("nearest_code", torch.device("cuda"))
 
@@ -250,13 +255,285 @@ def test_spatial_norm_act_matches_reference(dtype, shape, small, G, layout, acti
         torch.testing.assert_close(a.float(), e.float(), rtol=rtol * 4, atol=atol * 4 * mag)
 
 
+# ---------------------------------------------------------------- vector_quantize / codebook_gather
+
+VQ_CASES = [((2, 4, 5, 7), 1, 37), ((3, 9, 4, 6), 1, 100), ((100, 3), -1, 1000), ((1, 300, 2), 1, 7),
+            ((0, 4, 3, 3), 1, 16), ((2, 5, 3, 3, 2), 1, 11), ((2, 3, 4, 9), 3, 129), ((33, 256), 1, 50)]
+
+
+def _straight_through(z, cb, dim, indices):
+    """diffusers' z + (q - z) in z's dtype for the given flat indices (the reference's value)."""
+    q = ref_cg.forward(indices.view(z.movedim(dim, -1).shape[:-1]), cb, dim % z.dim())
+    return z + (q - z)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim,K", VQ_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("legacy", [True, False])
+def test_vector_quantize_matches_reference(dtype, shape, dim, K, layout, legacy):
+    g = _gen(hash((shape, K, layout)) % 1000)
+    z = _strided(torch.randn(shape, generator=g).to(dtype), layout)
+    cb = torch.randn(K, shape[dim], generator=g).to(dtype)
+    z_q, loss, idx = nat_vq.forward(z, cb, 0.3, legacy, dim)
+    rz_q, rloss, ridx = ref_vq.forward(z, cb, 0.3, legacy, dim)
+    assert z_q.shape == rz_q.shape and z_q.dtype == dtype and z_q.stride() == rz_q.stride()
+    assert loss.shape == () and loss.dtype == dtype and idx.dtype == torch.int64 and idx.shape == ridx.shape
+    # The search is nearest_code's: the same indices; the value is diffusers' bit for bit.
+    assert torch.equal(idx, nat_nc.forward(z, cb, dim).reshape(-1))
+    assert torch.equal(z_q, _straight_through(z, cb, dim, idx))
+    if idx.numel() == 0:
+        assert loss.isnan()
+        return
+    assert (idx == ridx).float().mean() > 0.99
+    q = ref_cg.forward(idx.view(z.movedim(dim, -1).shape[:-1]), cb, dim % z.dim())
+    mse = (q.double() - z.double()).square().mean()
+    want = (1.3 * mse).to(dtype)
+    torch.testing.assert_close(loss.double(), want.double(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+
+    grad = _strided(torch.randn(shape, generator=g).to(dtype), layout).contiguous(
+        memory_format=vqfast.ops.group_norm_act.__globals__["memory_format"](z))
+    grad_loss = torch.tensor(0.7, dtype=dtype)
+    gz, gcb = nat_vq.backward(grad, grad_loss, z, cb, idx, 0.3, legacy, dim)
+    rgz, rgcb = ref_vq.backward(grad, grad_loss, z, cb, idx, 0.3, legacy, dim)
+    assert gz.dtype == dtype and gz.stride() == rgz.stride() and gcb.dtype == dtype and gcb.shape == cb.shape
+    _close(gz, rgz, dtype)
+    mag = max(1e-6, rgcb.float().abs().max().item())
+    _close(gcb, rgcb, dtype, mag)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_vector_quantize_equals_diffusers(legacy):
+    from diffusers.models.autoencoders.vae import VectorQuantizer
+
+    g = _gen(6)
+    vq = VectorQuantizer(64, 4, beta=0.25, legacy=legacy)
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.randn(64, 4, generator=g) * 3)  # well-separated codes
+    truth = torch.randint(0, 64, (2, 9, 11), generator=g)
+    z0 = vq.embedding.weight[truth] + 0.1 * torch.randn(2, 9, 11, 4, generator=g)
+    z0 = z0.permute(0, 3, 1, 2).detach().contiguous()
+    for layout in ("contiguous", "channels_last"):
+        z = _strided(z0, layout).clone().requires_grad_()
+        want_q, want_loss, (_, _, want_idx) = vq(z)
+        (want_q.square().sum() + 3 * want_loss).backward()
+        want_grads = z.grad, vq.embedding.weight.grad
+        z.grad, vq.embedding.weight.grad = None, None
+        cb = vq.embedding.weight.detach().clone().requires_grad_()
+        with vqfast.use_backend("native"):
+            got_q, got_loss, got_idx = vqfast.ops.vector_quantize(z, cb, 0.25, legacy)
+            (got_q.square().sum() + 3 * got_loss).backward()
+        assert torch.equal(got_q, want_q) and torch.equal(got_idx, want_idx.reshape(-1))
+        assert torch.equal(got_idx.view(2, 9, 11), truth)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(z.grad, want_grads[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cb.grad, want_grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_vector_quantize_codebook_grad_is_deterministic():
+    g = _gen(7)
+    z, cb = torch.randn(4, 8, 33, 31, generator=g), torch.randn(6, 8, generator=g)  # many rows per code
+    _, _, idx = nat_vq.forward(z, cb, 0.25, True, 1)
+    grad = torch.randn(z.shape, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, threads, 1):
+            torch.set_num_threads(n)
+            runs.append(nat_vq.backward(grad, torch.tensor(1.0), z, cb, idx, 0.25, True, 1)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, runs[0]) for r in runs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,dim,K,D", [((2, 5, 7), 1, 37, 4), ((100,), -1, 1000, 3), ((3, 4), 0, 5, 9), ((0, 3, 3), 1, 16, 8),
+                      ((2, 3, 4, 5), 2, 129, 6), ((1, 1), 2, 1, 1)],
+)
+@pytest.mark.parametrize("strided_codebook", [False, True])
+def test_codebook_gather_matches_reference(dtype, shape, dim, K, D, strided_codebook):
+    g = _gen(hash((shape, K, D)) % 1000)
+    idx = torch.randint(0, K, shape, generator=g)
+    cb = torch.randn(K, D, generator=g).to(dtype)
+    if strided_codebook:
+        cb = torch.randn(D, K, generator=g).to(dtype).t()
+    got = nat_cg.forward(idx, cb, dim % (idx.dim() + 1))
+    want = ref_cg.forward(idx, cb, dim % (idx.dim() + 1))
+    assert got.is_contiguous() and got.shape == want.shape
+    assert torch.equal(got, want)
+    grad = _strided(torch.randn(want.shape, generator=g).to(dtype), "sliced")
+    got = nat_cg.backward(grad, idx, K, dim % (idx.dim() + 1))
+    want = ref_cg.backward(grad.double(), idx, K, dim % (idx.dim() + 1))
+    assert got.dtype == dtype and got.shape == (K, D)
+    _close(got, want.to(dtype), dtype, max(1.0, want.abs().max().item()))
+
+
+def test_codebook_gather_through_op():
+    g = _gen(8)
+    cb = torch.randn(10, 4, generator=g, requires_grad=True)
+    idx = torch.randint(0, 10, (2, 3, 5), generator=g, dtype=torch.int32)
+    grads, outs = {}, {}
+    for name in ("torch", "native"):
+        with vqfast.use_backend(name):
+            outs[name] = vqfast.ops.codebook_gather(idx, cb, dim=1)
+            grads[name] = torch.autograd.grad(outs[name].square().sum(), cb)[0]
+    assert torch.equal(outs["native"], outs["torch"])
+    torch.testing.assert_close(grads["native"], grads["torch"])
+    with pytest.raises(IndexError):
+        nat_cg.forward(torch.tensor([0, 10]), cb.detach(), 1)
+
+
 # ---------------------------------------------------------------- CUDA
+
+
+def test_cuda_support_reported():
+    from vqfast import _C
+
+    for op in backend.OPS:
+        reason = native.supports(op, torch.device("cuda"))
+        assert reason == "" if _C.has_cuda() else "without CUDA" in reason
+
+
+def _cuda_native():
+    from vqfast import _C
+
+    if not _C.has_cuda():
+        pytest.skip("vqfast._C was built without CUDA")
+    return torch.device("cuda")
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_reported():
-    from vqfast import _C
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim,K", VQ_CASES + [((2, 4, 64, 64), 1, 16384), ((4096, 8), -1, 3000)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_cuda_nearest_code_and_vector_quantize(dtype, shape, dim, K, layout):
+    dev = _cuda_native()
+    g = _gen(hash((shape, K, layout)) % 1000)
+    z = _strided(torch.randn(shape, generator=g).to(dtype), layout).to(dev)
+    cb = torch.randn(K, shape[dim], generator=g).to(dtype).to(dev)
+    idx = nat_nc.forward(z, cb, dim)
+    assert idx.device == z.device and idx.shape == ref_nc.forward(z, cb, dim).shape
+    _check_by_distance(z.float().cpu(), cb.float().cpu(), dim, idx.cpu())
+    # The CUDA search does the CPU kernel's float32 arithmetic.
+    assert torch.equal(idx.cpu(), nat_nc.forward(z.cpu(), cb.cpu(), dim))
+    for legacy in (True, False):
+        z_q, loss, flat = nat_vq.forward(z, cb, 0.3, legacy, dim)
+        rz_q, rloss, _ = ref_vq.forward(z, cb, 0.3, legacy, dim)
+        assert torch.equal(flat, idx.reshape(-1)) and z_q.stride() == rz_q.stride()
+        assert torch.equal(z_q, _straight_through(z, cb, dim, flat))
+        cpu_loss = nat_vq.forward(z.cpu(), cb.cpu(), 0.3, legacy, dim)[1]
+        torch.testing.assert_close(loss.cpu(), cpu_loss, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0,
+                                   equal_nan=True)
+        if flat.numel() == 0:
+            continue
+        grad = torch.randn(z.shape, generator=g).to(dtype).to(dev).contiguous(
+            memory_format=vqfast.ops.group_norm_act.__globals__["memory_format"](z))
+        grad_loss = torch.tensor(0.7, dtype=dtype, device=dev)
+        want = ref_vq.backward(grad, grad_loss, z, cb, flat, 0.3, legacy, dim)
+        for deterministic in (False, True):
+            with _deterministic(deterministic):
+                gz, gcb = nat_vq.backward(grad, grad_loss, z, cb, flat, 0.3, legacy, dim)
+            assert gz.stride() == want[0].stride() and gcb.dtype == dtype
+            _close(gz, want[0], dtype)
+            _close(gcb, want[1], dtype, max(1e-6, want[1].float().abs().max().item()))
+        with _deterministic(True):
+            again = nat_vq.backward(grad, grad_loss, z, cb, flat, 0.3, legacy, dim)[1]
+        assert torch.equal(again, gcb)
 
-    if not _C.has_cuda():
-        assert "without CUDA" in native.supports("nearest_code", torch.device("cuda"))
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim,K,D", [((2, 5, 7), 1, 37, 4), ((100,), -1, 1000, 3), ((0, 3, 3), 1, 16, 8),
+                                           ((2, 3, 4, 5), 2, 129, 6), ((8, 64, 64), 1, 16384, 4)])
+def test_cuda_codebook_gather(dtype, shape, dim, K, D):
+    dev = _cuda_native()
+    g = _gen(hash((shape, K, D)) % 1000)
+    idx = torch.randint(0, K, shape, generator=g).to(dev)
+    cb = torch.randn(D, K, generator=g).to(dtype).to(dev).t()  # strided codebook
+    dim = dim % (idx.dim() + 1)
+    got = nat_cg.forward(idx, cb, dim)
+    assert got.is_contiguous() and torch.equal(got, ref_cg.forward(idx, cb, dim))
+    grad = _strided(torch.randn(got.shape, generator=g).to(dtype), "sliced").to(dev)
+    want = ref_cg.backward(grad.double(), idx, K, dim).to(dtype)
+    for deterministic in (False, True):
+        with _deterministic(deterministic):
+            out = nat_cg.backward(grad, idx, K, dim)
+        assert out.dtype == dtype and out.device == idx.device
+        _close(out, want, dtype, max(1.0, want.float().abs().max().item()))
+
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,G", GN_CASES + [((1, 128, 256, 256), 32), ((1, 64, 3, 3), 32)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_cuda_group_norm_act(dtype, shape, G, layout, activation):
+    dev = _cuda_native()
+    g = _gen(hash((shape, G, layout)) % 1000)
+    x = _strided((torch.randn(shape, generator=g) * 2 + 0.5).to(dtype), layout).to(dev)
+    w, b = torch.randn(shape[1], generator=g).to(dev), torch.randn(shape[1], generator=g).to(dev)
+    xr = x.contiguous() if layout == "sliced" else x
+    y, mean, rstd = nat_gn.forward(x, G, w, b, 1e-6, activation)
+    ry, rmean, rrstd = ref_gn.forward(xr, G, w, b, 1e-6, activation)
+    assert y.stride() == torch.empty_like(x).stride() and y.device == x.device
+    _close(y, ry, dtype, 2.0)
+    torch.testing.assert_close(mean, rmean, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(rstd, rrstd, rtol=1e-4, atol=1e-5, equal_nan=True)
+    if x.numel() == 0:
+        return
+    grad = torch.randn(shape, generator=g).to(dtype).to(dev)
+    grad = grad.contiguous(memory_format=vqfast.ops.group_norm_act.__globals__["memory_format"](x))
+    got = nat_gn.backward(grad, x, w, b, rmean, rrstd, activation)
+    want = ref_gn.backward(grad, xr, w, b, rmean, rrstd, activation)
+    _close(got[0], want[0], dtype, 4.0)
+    for a, e in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3 * max(1.0, e.abs().max().item()))
+    again = nat_gn.backward(grad, x, w, b, rmean, rrstd, activation)
+    assert all(torch.equal(p, q) for p, q in zip(got, again))  # deterministic
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,small,G", SN_CASES + [((1, 128, 128, 128), (32, 32), 32)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_cuda_spatial_norm_act(dtype, shape, small, G, layout, activation):
+    dev = _cuda_native()
+    g = _gen(hash((shape, small)) % 1000)
+    f = _strided((torch.randn(shape, generator=g) * 2 + 0.5).to(dtype), layout).to(dev)
+    scale = torch.randn(*shape[:2], *small, generator=g).to(dtype).to(dev)
+    shift = torch.randn(*shape[:2], *small, generator=g).to(dtype).to(dev)
+    w, b = torch.randn(shape[1], generator=g).to(dev), torch.randn(shape[1], generator=g).to(dev)
+    y, mean, rstd = nat_sn.forward(f, scale, shift, G, w, b, 1e-6, activation)
+    ry, rmean, rrstd = ref_sn.forward(f, scale, shift, G, w, b, 1e-6, activation)
+    assert y.stride() == ry.stride() and y.device == f.device
+    _close(y, ry, dtype, 2.0)
+    torch.testing.assert_close(rstd, rrstd, rtol=1e-4, atol=1e-5)
+    grad = torch.randn(shape, generator=g).to(dtype).to(dev)
+    if layout == "channels_last" and f.dim() == 4:
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    got = nat_sn.backward(grad, f, scale, shift, w, b, rmean, rrstd, activation)
+    want = ref_sn.backward(grad, f, scale, shift, w, b, rmean, rrstd, activation)
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert a.shape == e.shape and a.dtype == e.dtype, i
+        rtol, atol = _tol(dtype)
+        mag = max(1.0, e.float().abs().max().item())
+        torch.testing.assert_close(a.float(), e.float(), rtol=rtol * 4, atol=atol * 4 * mag)
+    again = nat_sn.backward(grad, f, scale, shift, w, b, rmean, rrstd, activation)
+    assert all(torch.equal(p, q) for p, q in zip(got, again))  # deterministic

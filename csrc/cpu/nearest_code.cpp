@@ -32,7 +32,6 @@ namespace {
 constexpr int kWideMR = 4, kWideNRV = kVec >= 16 ? 4 : 2;
 constexpr int kTallMR = kVec >= 16 ? 8 : 4, kTallNRV = 2;
 constexpr int64_t kCodeAlign = 4 * kVec;  // codebook padding: a multiple of every NRV * kVec
-constexpr int64_t kRowBlock = 64;        // a multiple of every MR
 constexpr int64_t kTileFloats = 1 << 13;
 constexpr float kBig = 1099511627776.f;  // 2^40: below it, no distance can overflow or be NaN
 
@@ -196,12 +195,8 @@ at::Tensor nearest_code(const at::Tensor& z_in, const at::Tensor& codebook, int6
   at::Tensor out = at::empty(shape, z_in.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   if (codebook.size(1) == 0) return out.zero_();
-  at::Tensor z = z_in;
   Rows rows;
-  if (!collapse_rows(z, dim, rows)) {
-    z = z.contiguous();
-    collapse_rows(z, dim, rows);
-  }
+  const at::Tensor z = as_rows(z_in, dim, rows);
   dispatch_float(z.scalar_type(), "nearest_code", [&](auto tag) {
     using scalar_t = decltype(tag);
     const Codebook cb = pack_codebook<scalar_t>(codebook);

@@ -3,7 +3,12 @@
 // and its elements are d_stride apart. NCHW latents with dim=1 are (N, H*W) rows, D = C apart.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <algorithm>
 
 #include <utility>
 #include <vector>
@@ -42,6 +47,43 @@ inline bool collapse_rows(const at::Tensor& t, int64_t dim, Rows& rows) {
     if (t.size(i) == 0 && i != dim) rows.outer = 0;
   }
   return true;
+}
+
+// t itself when its rows collapse, else a contiguous copy of it; `rows` describes the tensor returned.
+inline at::Tensor as_rows(const at::Tensor& t, int64_t dim, Rows& rows) {
+  if (collapse_rows(t, dim, rows)) return t;
+  at::Tensor c = t.contiguous();
+  collapse_rows(c, dim, rows);
+  return c;
+}
+
+// torch.empty_like(like), and the tensor the kernel writes as rows: the same one when its rows
+// collapse, else a contiguous buffer that finish() copies into it.
+struct RowsOutput {
+  at::Tensor out, buffer;
+  Rows rows;
+  RowsOutput(const at::Tensor& like, int64_t dim) : out(at::empty_like(like)) {
+    buffer = collapse_rows(out, dim, rows) ? out : at::empty(out.sizes(), out.options());
+    collapse_rows(buffer, dim, rows);
+  }
+  at::Tensor finish() { return buffer.is_same(out) ? out : out.copy_(buffer); }
+};
+
+// Row-wise kernels take rows in blocks of kRowBlock and, for each element d, the block's rows in turn,
+// so that NCHW reads and writes run along contiguous spatial positions.
+constexpr int64_t kRowBlock = 64;
+
+// Calls f(blk, r0, n) for every block blk of n <= kRowBlock rows starting at row r0, in parallel.
+template <typename F>
+void for_row_blocks(int64_t N, F&& f) {
+  at::parallel_for(0, (N + kRowBlock - 1) / kRowBlock, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) f(blk, blk * kRowBlock, std::min(kRowBlock, N - blk * kRowBlock));
+  });
+}
+
+// off[i] = offset of row r0 + i, for i < n.
+inline void row_offsets(const Rows& rows, int64_t r0, int64_t n, int64_t* off) {
+  for (int64_t i = 0; i < n; ++i) off[i] = rows.offset(r0 + i);
 }
 
 }  // namespace vqfast

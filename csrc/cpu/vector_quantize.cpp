@@ -1,0 +1,155 @@
+// vector_quantize on the CPU: diffusers' VectorQuantizer.forward as search (nearest_code.cpp) plus one
+// pass that gathers q, writes the straight-through value z + (q - z) rounded to z's dtype after each
+// operation as torch does (so it equals diffusers' value bit for bit), and sums (q - z)^2 in float32 per
+// row, the rows' sums added in double in a fixed order. Backward: grad_z in one pass; the codebook
+// gradient by scatter_rows (deterministic whatever the thread count).
+//
+// Rows are read in place (NCHW, channels_last or strided) in blocks (for_row_blocks in rows.h).
+#include "cpu/kernels.h"
+#include "cpu/rows.h"
+#include "cpu/scatter_rows.h"
+#include "cpu/vec_utils.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+namespace vqfast {
+namespace cpu {
+namespace {
+
+// (w_z, w_q): weights of the loss term whose gradient goes to z and of the one going to the codebook.
+std::pair<float, float> loss_weights(double beta, bool legacy) {
+  return legacy ? std::pair<float, float>{1.f, static_cast<float>(beta)}
+                : std::pair<float, float>{static_cast<float>(beta), 1.f};
+}
+
+template <typename T>
+double forward_kernel(const at::Tensor& z, const Rows& zr, const at::Tensor& codebook, const int64_t* idx,
+                      T* out, const Rows& outr) {
+  const T* zp = z.const_data_ptr<T>();
+  const T* cb = codebook.const_data_ptr<T>();
+  const int64_t N = zr.count(), D = codebook.size(1), cs0 = codebook.stride(0), cs1 = codebook.stride(1);
+  std::vector<double> block_sum((N + kRowBlock - 1) / kRowBlock);
+  for_row_blocks(N, [&](int64_t blk, int64_t r0, int64_t n) {
+    int64_t zo[kRowBlock], oo[kRowBlock], co[kRowBlock];
+    float sum[kRowBlock] = {};
+    row_offsets(zr, r0, n, zo);
+    row_offsets(outr, r0, n, oo);
+    for (int64_t i = 0; i < n; ++i) co[i] = idx[r0 + i] * cs0;
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float zv = static_cast<float>(zp[zo[i] + d * zr.d_stride]);
+        const float qv = static_cast<float>(cb[co[i] + d * cs1]);
+        const float diff = qv - zv;
+        out[oo[i] + d * outr.d_stride] = static_cast<T>(zv + static_cast<float>(static_cast<T>(diff)));
+        sum[i] += diff * diff;
+      }
+    }
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += sum[i];
+    block_sum[blk] = s;
+  });
+  double total = 0;
+  for (double s : block_sum) total += s;
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor& z_in, const at::Tensor& codebook,
+                                                               double beta, bool legacy, int64_t dim) {
+  dim = c10::maybe_wrap_dim(dim, z_in.dim());
+  at::Tensor indices = nearest_code(z_in, codebook, dim).reshape(-1);  // checks devices, dtypes, sizes
+  RowsOutput z_q(z_in, dim);
+  Rows zr;
+  const at::Tensor z = as_rows(z_in, dim, zr);
+  const auto [w_z, w_q] = loss_weights(beta, legacy);
+  float loss = std::numeric_limits<float>::quiet_NaN();  // the mean of nothing, as torch.mean
+  dispatch_float(z.scalar_type(), "vector_quantize", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const double total = forward_kernel<scalar_t>(z, zr, codebook, indices.const_data_ptr<int64_t>(),
+                                                  z_q.buffer.mutable_data_ptr<scalar_t>(), z_q.rows);
+    if (z.numel() > 0) {
+      const float mse = static_cast<float>(total / static_cast<double>(z.numel()));
+      loss = w_z * mse + w_q * mse;
+    }
+  });
+  return {z_q.finish(), at::full({}, loss, z_in.options()), indices};
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& grad, const Rows& gr, const at::Tensor& z, const Rows& zr,
+                     const at::Tensor& codebook, const int64_t* idx, float scale, float w_z, float w_q,
+                     T* grad_z, const Rows& gzr, T* grad_cb) {
+  const T* gp = grad.const_data_ptr<T>();
+  const T* zp = z.const_data_ptr<T>();
+  const T* cb = codebook.const_data_ptr<T>();
+  const int64_t N = zr.count(), K = codebook.size(0), D = codebook.size(1);
+  const int64_t cs0 = codebook.stride(0), cs1 = codebook.stride(1);
+  // grad_z = grad_z_q + w_z * (z - q) * 2 grad_loss / numel, rounded as the reference.
+  for_row_blocks(N, [&](int64_t, int64_t r0, int64_t n) {
+    int64_t go[kRowBlock], zo[kRowBlock], oo[kRowBlock], co[kRowBlock];
+    row_offsets(gr, r0, n, go);
+    row_offsets(zr, r0, n, zo);
+    row_offsets(gzr, r0, n, oo);
+    for (int64_t i = 0; i < n; ++i) co[i] = idx[r0 + i] * cs0;
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float diff = (static_cast<float>(zp[zo[i] + d * zr.d_stride]) -
+                            static_cast<float>(cb[co[i] + d * cs1])) * scale;
+        const float g = static_cast<float>(gp[go[i] + d * gr.d_stride]);
+        grad_z[oo[i] + d * gzr.d_stride] = static_cast<T>(g + w_z * diff);
+      }
+    }
+  });
+  // grad_codebook[k] = sum over the rows quantized to k of -w_q * (z - q) * scale.
+  scatter_rows(idx, N, K, D, grad_cb, [&](int64_t r, int64_t k, float* acc) {
+    const T* zrow = zp + zr.offset(r);
+    for (int64_t d = 0; d < D; ++d) {
+      const float diff =
+          (static_cast<float>(zrow[d * zr.d_stride]) - static_cast<float>(cb[k * cs0 + d * cs1])) * scale;
+      acc[d] += -w_q * diff;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> vector_quantize_backward(const at::Tensor& grad_z_q, const at::Tensor& grad_loss,
+                                                            const at::Tensor& z_in, const at::Tensor& codebook,
+                                                            const at::Tensor& indices_in, double beta, bool legacy,
+                                                            int64_t dim) {
+  TORCH_CHECK(z_in.device().is_cpu() && codebook.device().is_cpu() && grad_z_q.device().is_cpu(),
+              "vector_quantize_backward: CPU tensors expected");
+  TORCH_CHECK(grad_z_q.sizes() == z_in.sizes() && grad_z_q.scalar_type() == z_in.scalar_type() &&
+                  codebook.scalar_type() == z_in.scalar_type(),
+              "vector_quantize_backward: grad_z_q, z and codebook must share shape / dtype");
+  dim = c10::maybe_wrap_dim(dim, z_in.dim());
+  TORCH_CHECK(codebook.dim() == 2 && z_in.size(dim) == codebook.size(1), "vector_quantize_backward: bad codebook");
+  const at::Tensor indices = indices_in.to(at::kLong).contiguous();
+  TORCH_CHECK(indices.numel() * z_in.size(dim) == z_in.numel(), "vector_quantize_backward: one index per row of z");
+  RowsOutput grad_z(z_in, dim);
+  at::Tensor grad_cb = at::empty(codebook.sizes(), codebook.options());
+  Rows zr, gr;
+  const at::Tensor z = as_rows(z_in, dim, zr);
+  const at::Tensor grad = as_rows(grad_z_q, dim, gr);
+  // 2 * grad_loss / numel in float32, as the reference.
+  const float scale = 2.f * grad_loss.item<float>() / static_cast<float>(z.numel());
+  const auto [w_z, w_q] = loss_weights(beta, legacy);
+  dispatch_float(z.scalar_type(), "vector_quantize_backward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    backward_kernel<scalar_t>(grad, gr, z, zr, codebook, indices.const_data_ptr<int64_t>(), scale, w_z, w_q,
+                              grad_z.buffer.mutable_data_ptr<scalar_t>(), grad_z.rows,
+                              grad_cb.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_z.finish(), grad_cb};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace vqfast
+
+TORCH_LIBRARY_IMPL(vqfast_C, CPU, m) {
+  m.impl("vector_quantize", &vqfast::cpu::vector_quantize);
+  m.impl("vector_quantize_backward", &vqfast::cpu::vector_quantize_backward);
+}
