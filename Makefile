@@ -1,5 +1,5 @@
 # make test  — set up .venv on a fresh machine and run the test suite (what CI runs)
-# make bench — set up the same way and run the benchmark comparison (arrives with benchmarks/)
+# make bench — set up the same way and run the benchmark comparison (benchmarks/README.md)
 
 PYTHON ?= python3
 VENV := .venv
@@ -20,10 +20,11 @@ setup: $(PY)
 test: nvcc-check setup
 	$(PY) -m pytest -q
 
-# The bench extra's requirements (read from pyproject.toml) without a second build of vqfast, then the
-# runner; options go in ARGS, e.g. make bench ARGS="--quick" (python -m benchmarks.run --help).
+# The bench extra: its requirements, as installed vqfast's metadata lists them, without the second build
+# of vqfast that `pip install -e ".[bench]"` would make. Then the runner; its options go in ARGS, e.g.
+# make bench ARGS="--quick" (.venv/bin/python -m benchmarks.run --help).
 bench: setup
-	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"], sep="\n")' \
+	$(PY) -c 'import importlib.metadata as m; print(*(r.split(";")[0] for r in m.requires("vqfast") if "extra == \"bench\"" in r), sep="\n")' \
 		| xargs -d '\n' $(PIP) install
 	$(PY) -m benchmarks.run $(ARGS)
 

@@ -1,0 +1,422 @@
+"""``python -m benchmarks.run`` (``make bench``): vqfast against eager PyTorch as diffusers writes it,
+torch.compile of the same, and faiss, per op and for the whole model. Prints a table and writes
+JSON, markdown and a PNG chart under benchmarks/results/, named by device and date.
+
+Every available vqfast backend is picked up by itself (``vqfast.backends()``). The default run
+covers every op, shape and dtype of the comparison on the default device (CUDA when present) and
+fits in 5 minutes on a 2-core CPU; ``--quick`` runs tiny shapes once, to check that it all works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from tqdm import tqdm
+
+import vqfast
+from benchmarks import report
+from benchmarks.cases import BASELINES, LAYOUTS, OPS, Case, build, implementation, make_cases, plan
+from benchmarks.models import MODELS, TASKS, ModelCase, build_model, check, model_plan
+from benchmarks.peak import measure_peaks
+from benchmarks.report import Row
+from benchmarks.timing import measure, timed_call
+from vqfast.backend import BACKENDS
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = ("float32", "bfloat16", "float16")
+IMPLS = BACKENDS + BASELINES
+
+
+def _choices(allowed: Iterable[str]) -> Callable[[str], list[str]]:
+    allowed = tuple(allowed)
+
+    def parse(text: str) -> list[str]:
+        names = [] if text == "none" else [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(allowed)} or none")
+        return names
+
+    return parse
+
+
+def _shapes(text: str) -> list[tuple[int, ...]]:
+    try:
+        shapes = [tuple(int(n) for n in s.split("x")) for s in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) not in (3, 4) or min(s) <= 0 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected NxCxHxW (norms) or NxKxD (codebook ops) shapes, got {text!r}")
+    return shapes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="vqfast against eager PyTorch (as diffusers writes it), torch.compile and faiss, per op and for "
+        "the whole model. Lists are comma-separated; 'none' skips a part.",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="default cuda when present, else cpu",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes, models narrowed to a quarter of their channels at 32x32, one repeat, float32, NCHW",
+    )
+    p.add_argument("--ops", type=_choices(OPS), default=list(OPS), help=f"of {', '.join(OPS)}; default all")
+    p.add_argument(
+        "--shapes",
+        type=_shapes,
+        default=None,
+        help="replace the default shapes: NxCxHxW for the norms, NxKxD for the codebook ops",
+    )
+    p.add_argument(
+        "--dtypes",
+        type=_choices(DTYPES),
+        default=None,
+        help="of the ops; default float32,bfloat16 (and float16 on CUDA), float32 with --quick",
+    )
+    p.add_argument(
+        "--layouts",
+        type=_choices(LAYOUTS),
+        default=None,
+        help="of the norms' inputs; default both for group_norm_act, nchw for spatial_norm_act",
+    )
+    p.add_argument(
+        "--backends",
+        type=_choices(IMPLS),
+        default=list(IMPLS),
+        help=f"what the ops compare, of {', '.join(IMPLS)} (vqfast backends run where available; eager "
+        "and compile also set the whole model's baselines); default all",
+    )
+    p.add_argument("--models", type=_choices(MODELS), default=list(MODELS), help=f"of {', '.join(MODELS)}; default all")
+    p.add_argument(
+        "--model-backends",
+        type=_choices(("auto", *BACKENDS)),
+        default=["auto"],
+        help="vqfast backends for the whole model; default auto (each op's default choice)",
+    )
+    p.add_argument(
+        "--model-dtypes", type=_choices(DTYPES), default=None, help="default float32 on the CPU, float16 on CUDA"
+    )
+    p.add_argument("--resolution", type=int, default=None, help="model input size; default 256 (512 on CUDA)")
+    p.add_argument("--batch", type=int, default=1, help="model batch size; default 1")
+    p.add_argument(
+        "--model-compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the models too; default on CUDA only (a minute per model and task on a CPU)",
+    )
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement; default 0.1")
+    p.add_argument("--min-repeats", type=int, default=None, help="timed calls per op at least; default 3")
+    p.add_argument(
+        "--model-repeats",
+        type=int,
+        default=None,
+        help="timed calls per model task at least; default 1 on the CPU, 5 on CUDA",
+    )
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=ROOT / "benchmarks" / "results",
+        help="where the JSON, markdown and PNG go; default benchmarks/results",
+    )
+    args = p.parse_args(argv)
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    quick = args.quick
+    defaults = {
+        "dtypes": ["float32"] if quick else ["float32", "bfloat16"] + ["float16"] * cuda,
+        "model_dtypes": ["float16"] if cuda and not quick else ["float32"],
+        "resolution": 32 if quick else (512 if cuda else 256),
+        "model_compile": cuda and not quick,
+        "budget": 0.0 if quick else 0.1,
+        "min_repeats": 1 if quick else 3,
+        "model_repeats": 1 if quick or not cuda else 5,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def run_one(
+    call: Callable[[], Any],
+    device: torch.device,
+    *,
+    compiled: bool,
+    budget_s: float,
+    min_repeats: int,
+    warmup: bool,
+    track_memory: bool = False,
+) -> tuple[Row, Any]:
+    """Time ``call``: the first call apart when ``compiled`` (compilation included), then the timing.
+    Returns the row's timing fields (``cost_s``: what measuring it took) and the last output."""
+    started = time.perf_counter()
+    compile_s = timed_call(call, device)[0] if compiled else None
+    timing = measure(call, device, budget_s=budget_s, min_repeats=min_repeats, warmup=warmup, track_memory=track_memory)
+    row = {
+        "median_ms": 1e3 * timing.median_s,
+        "iqr_ms": 1e3 * timing.iqr_s,
+        "repeats": len(timing.times_s),
+        "compile_s": compile_s,
+        "cost_s": time.perf_counter() - started,
+    }
+    if track_memory:
+        row["peak_extra_mib"] = None if timing.peak_extra_bytes is None else timing.peak_extra_bytes / 2**20
+    return row, timing.output
+
+
+def _failure(exc: Exception) -> str:
+    """``failed: <type>: <the message's first line, at most 200 characters>``."""
+    message = str(exc).strip().partition("\n")[0]
+    return f"failed: {type(exc).__name__}: {message[:200]}"
+
+
+def _ratios(rows: list[Row], key: str, against: str) -> None:
+    """``rows[i][key]``: how many times faster than the ``against`` implementation of the same run."""
+    base = next((r["median_ms"] for r in rows if r["impl"] == against), None)
+    for row in rows:
+        row[key] = base / row["median_ms"] if base else None
+
+
+def _release(device: torch.device) -> None:
+    """Hand a case's memory back on CUDA. On the CPU reference counting has already freed it (a full
+    ``gc.collect()`` costs a quarter of a second there)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def run_ops(
+    plans: list[tuple[Case, list[str]]],
+    device: torch.device,
+    peaks: dict[str, Any],
+    args: argparse.Namespace,
+    progress: tqdm,
+    skip: Callable[[str, str, str], None],
+) -> list[Row]:
+    rows: list[Row] = []
+    for case, impls in plans:
+        bench = build(case, device)
+        case_rows = []
+        for impl in impls:
+            progress.set_postfix_str(f"{case.label} {impl}")
+            try:
+                timing, _ = run_one(
+                    bench.call(implementation(bench, case, impl)),
+                    device,
+                    compiled=impl == "compile",
+                    budget_s=args.budget,
+                    min_repeats=args.min_repeats,
+                    warmup=True,
+                    track_memory=case.op == "nearest_code",
+                )
+            except Exception as exc:  # noqa: BLE001  compile "where it works", and any failure: reported, not fatal
+                skip(case.label, impl, _failure(exc))
+            else:
+                shape = "x".join(map(str, case.shape))
+                case_rows.append(
+                    {"op": case.op, "shape": shape, "dtype": case.dtype, "layout": case.layout, "impl": impl, **timing}
+                )
+            progress.update()
+        for row in case_rows:
+            seconds = row["median_ms"] / 1e3
+            if bench.flops:
+                row.update(metric="GFLOP/s", rate=bench.flops / seconds / 1e9)
+                row["peak_share"] = row["rate"] / peaks["matmul_gflops"][case.dtype]
+            else:
+                row.update(metric="GB/s", rate=bench.bytes / seconds / 1e9)
+                row["peak_share"] = row["rate"] / peaks["copy_gbps"]
+        _ratios(case_rows, "vs_eager", "eager")
+        _ratios(case_rows, "vs_compile", "compile")
+        rows += case_rows
+        del bench
+        _release(device)
+    return rows
+
+
+def run_models(
+    cases: list[ModelCase],
+    impls: list[str],
+    device: torch.device,
+    args: argparse.Namespace,
+    progress: tqdm,
+    skip: Callable[[str, str, str], None],
+) -> list[Row]:
+    rows: list[Row] = []
+    for case in cases:
+        bench = build_model(case, device, with_vqfast=any(i.startswith("vqfast") for i in impls))
+        expected: dict[str, torch.Tensor] = {}
+        case_rows = []
+        for impl in impls:
+            for task in TASKS:
+                progress.set_postfix_str(f"{case.label} {task} {impl}")
+                try:  # no warmup on the CPU: a call takes seconds there, and build_model ran the encoder
+                    timing, output = run_one(
+                        bench.function(impl, task),
+                        device,
+                        compiled=impl.endswith("compile"),
+                        budget_s=args.budget,
+                        min_repeats=args.model_repeats,
+                        warmup=device.type == "cuda",
+                    )
+                except Exception as exc:  # noqa: BLE001  as for the ops
+                    skip(f"{case.label} {task}", impl, _failure(exc))
+                else:
+                    if impl == "eager":
+                        expected[task] = output
+                    checked = impl != "eager" and task in expected
+                    error, match = check(output, expected[task], case.dtype) if checked else (None, None)
+                    case_rows.append(
+                        {
+                            "model": case.model + " (narrow)" * case.narrow,
+                            "task": task,
+                            "input": case.input,
+                            "dtype": case.dtype,
+                            "impl": impl,
+                            **timing,
+                            "images_per_s": case.batch / (timing["median_ms"] / 1e3),
+                            "max_rel_err": error,
+                            "match": match,
+                        }
+                    )
+                progress.update()
+        for task in TASKS:
+            _ratios([r for r in case_rows if r["task"] == task], "vs_eager", "eager")
+        rows += case_rows
+        del bench, expected
+        _release(device)
+    return rows
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str:
+    """HEAD's short hash, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return git("rev-parse", "--short=12", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def stamp(device: torch.device) -> dict[str, Any]:
+    with vqfast.use_backend("auto"):
+        auto = {op: vqfast.backend.resolve(op, device) for op in vqfast.backend.OPS}
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "diffusers": _version("diffusers"),
+        "vqfast": vqfast.__version__,
+        "faiss": _version("faiss-cpu"),
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backends": {name: status.reason or "available" for name, status in vqfast.backends().items()},
+        "auto": auto,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    diffusers.utils.logging.set_verbosity_error()  # its warning on every model.to(dtype=...) breaks the bar
+    torch.backends.cudnn.allow_tf32 = False  # float32 means float32, for convolutions too (as for matmuls)
+    device = torch.device(args.device)
+    meta = stamp(device)
+
+    skipped: dict[tuple[str, str], list[str]] = {}
+
+    def skip(case: str, impl: str, reason: str) -> None:
+        skipped.setdefault((impl, reason), []).append(case)
+
+    plans = []
+    for case in make_cases(args.ops, args.shapes, args.dtypes, args.layouts, args.quick):
+        impls, left_out = plan(case, device, args.backends)
+        for impl, reason in left_out.items():
+            skip(case.label, impl, reason)
+        plans.append((case, impls))
+    model_cases = [
+        ModelCase(m, args.resolution, args.batch, d, args.quick) for m in args.models for d in args.model_dtypes
+    ]
+    model_impls, left_out = (
+        ([], {}) if not model_cases else model_plan(args.backends, args.model_backends, device, args.model_compile)
+    )
+    for impl, reason in left_out.items():
+        skip("whole model", impl, reason)
+    if model_cases and not args.model_compile and "compile" in args.backends:
+        skip(
+            "whole model",
+            "compile",
+            "off: --model-compile turns it on (default on CUDA; a minute per model and task on a CPU)",
+        )
+
+    total = sum(len(i) for _, i in plans) + len(model_cases) * len(model_impls) * len(TASKS)
+    progress = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)  # tqdm comes with diffusers
+    try:
+        progress.set_postfix_str("measuring peaks")
+        dtypes = sorted({case.dtype for case, _ in plans}, key=DTYPES.index)
+        peaks = measure_peaks(device, dtypes, quick=args.quick)
+        op_rows = run_ops(plans, device, peaks, args, progress, skip)
+        model_rows = run_models(model_cases, model_impls, device, args, progress, skip)
+    finally:
+        progress.close()
+
+    meta["wall_s"] = time.perf_counter() - started
+    meta["command"] = shlex.join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
+    results = {
+        "meta": meta,
+        "peak": peaks,
+        "ops": op_rows,
+        "models": model_rows,
+        "skipped": [{"impl": impl, "reason": reason, "cases": cases} for (impl, reason), cases in skipped.items()],
+    }
+    print(report.render(results, report.text_table))
+    for path in report.write(results, args.out_dir, args.quick):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
