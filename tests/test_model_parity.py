@@ -1,8 +1,9 @@
 """vqfast.VQModel against diffusers.VQModel on every public configuration, with the same random weights.
 
-Float32 throughout. Outputs must match within the contract's 1e-5 relative to the reference's largest
-value, or the reference's own float32 noise where that is larger (see ``output_rtol``); quantization
-indices must be equal, or differ only at near-ties (see ``assert_same_or_near_tie``).
+Float32 throughout; the core comparisons run on the backend ``auto`` picks here and on the ``torch``
+reference. Outputs must match within the contract's 1e-5 relative to the reference's largest value, or
+the reference's own float32 noise where that is larger (see ``output_rtol``); quantization indices must
+be equal, or differ only at near-ties (see ``assert_same_or_near_tie``).
 """
 
 import contextlib
@@ -11,6 +12,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+
+import vqfast
 
 BATCH, SIZE = 2, 32
 CONTRACT_RTOL = 1e-5
@@ -79,6 +82,13 @@ def output_rtol(pair) -> float:
     return max(CONTRACT_RTOL, NOISE_FACTOR * noise)
 
 
+@pytest.fixture(params=["auto", "torch"])
+def model_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The model as a user gets it (auto: the fastest measured backend here) and on the reference ops."""
+    with vqfast.use_backend(request.param):
+        yield request.param
+
+
 def test_state_dict_keys_and_shapes(pair):
     ref, ours = pair
     assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
@@ -88,7 +98,7 @@ def test_state_dict_keys_and_shapes(pair):
 
 
 @torch.no_grad()
-def test_encode_decode_forward(config, pair, output_rtol, assert_matches):
+def test_encode_decode_forward(config, pair, output_rtol, assert_matches, model_backend):
     ref, ours = pair
     x = images(config)
 
@@ -165,7 +175,7 @@ def assert_gradients_match(grads: dict, ref_grads: dict, assert_matches) -> None
         assert_matches(grad, ref_grads[name], rtol=GRAD_RTOL, scale=scale, msg=name)
 
 
-def test_training_step_gradients(config, pair, assert_matches):
+def test_training_step_gradients(config, pair, assert_matches, model_backend):
     ref, ours = pair
     x = images(config)
     ref_loss, ref_indices, ref_grads = training_step(ref, x)

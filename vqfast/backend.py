@@ -25,9 +25,10 @@ OPS = ("nearest_code", "group_norm_act", "spatial_norm_act", "vector_quantize", 
 BACKENDS = ("torch", "triton", "native")
 _PACKAGES = {"torch": "vqfast.reference", "triton": "vqfast.triton", "native": "vqfast.native"}
 
-# What `auto` tries first, per device type. Until the triton and native backends have been
-# measured by benchmarks/ on a device, `auto` keeps the reference there.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("torch",), "cpu": ("torch",)}
+# What `auto` tries, in order, per device type; `torch` when none can run the op. A backend is
+# listed for a device only once benchmarks/ has measured it faster than eager there: native on
+# the CPU (benchmarks/results/); nothing yet on CUDA, where no kernel has run on a GPU.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("torch",), "cpu": ("native",)}
 
 
 class BackendStatus(NamedTuple):
