@@ -1,6 +1,7 @@
 """The machine's peaks, measured in the same run as the cases they are compared with:
-memory bandwidth as a large copy, compute as a large matmul (per dtype). Each is the fastest of
-several calls: other work on the machine only ever slows a call down."""
+memory bandwidth as a large copy, compute as a large float32 matmul (every codebook op computes its
+distances in float32, whatever its input dtype). Each is the fastest of several calls: other work on the
+machine only ever slows a call down."""
 
 from __future__ import annotations
 
@@ -19,22 +20,20 @@ def copy_gbps(device: torch.device, *, mebibytes: int, budget_s: float) -> float
     return 2 * src.nbytes / min(timing.times_s) / 1e9
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype, *, n: int, budget_s: float) -> float:
-    """GFLOP/s of an n x n by n x n matmul (2 n^3 floating-point operations) in ``dtype``."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+def matmul_gflops(device: torch.device, *, n: int, budget_s: float) -> float:
+    """GFLOP/s of an n x n by n x n float32 matmul (2 n^3 floating-point operations)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
     timing = measure(lambda: a @ b, device, budget_s=budget_s, min_repeats=MIN_REPEATS)
     return 2 * n**3 / min(timing.times_s) / 1e9
 
 
-def measure_peaks(device: torch.device, dtypes: list[str], *, quick: bool, budget_s: float = 0.5) -> dict:
-    """Copy GB/s, and matmul GFLOP/s per dtype (named as in torch: "float32", ...)."""
+def measure_peaks(device: torch.device, *, quick: bool, budget_s: float = 0.5) -> dict:
+    """Copy GB/s and float32 matmul GFLOP/s."""
     cuda = device.type == "cuda"
     mebibytes = 16 if quick else (1024 if cuda else 256)
     n = 256 if quick else (8192 if cuda else 2048)
     return {
         "copy_gbps": copy_gbps(device, mebibytes=mebibytes, budget_s=budget_s),
-        "matmul_gflops": {
-            dtype: matmul_gflops(device, getattr(torch, dtype), n=n, budget_s=budget_s) for dtype in dtypes
-        },
+        "matmul_gflops": matmul_gflops(device, n=n, budget_s=budget_s),
     }

@@ -243,7 +243,7 @@ def run_ops(
             seconds = row["median_ms"] / 1e3
             if bench.flops:
                 row.update(metric="GFLOP/s", rate=bench.flops / seconds / 1e9)
-                row["peak_share"] = row["rate"] / peaks["matmul_gflops"][case.dtype]
+                row["peak_share"] = row["rate"] / peaks["matmul_gflops"]
             else:
                 row.update(metric="GB/s", rate=bench.bytes / seconds / 1e9)
                 row["peak_share"] = row["rate"] / peaks["copy_gbps"]
@@ -396,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)  # tqdm comes with diffusers
     try:
         progress.set_postfix_str("measuring peaks")
-        dtypes = sorted({case.dtype for case, _ in plans}, key=DTYPES.index)
-        peaks = measure_peaks(device, dtypes, quick=args.quick)
+        peaks = measure_peaks(device, quick=args.quick)
         op_rows = run_ops(plans, device, peaks, args, progress, skip)
         model_rows = run_models(model_cases, model_impls, device, args, progress, skip)
     finally:

@@ -33,7 +33,7 @@ def test_quick_run_writes_well_formed_results(tmp_path: Path) -> None:
     meta = results["meta"]
     assert all(meta[key] is not None or key == "triton" for key in STAMP), meta
     assert json_path.name.startswith(meta["device_type"]) and meta["date"][:10] in json_path.name
-    assert results["peak"]["copy_gbps"] > 0 and results["peak"]["matmul_gflops"]["float32"] > 0
+    assert results["peak"]["copy_gbps"] > 0 and results["peak"]["matmul_gflops"] > 0
 
     ops = results["ops"]
     assert {row["op"] for row in ops} == OPS
