@@ -120,6 +120,36 @@ def test_nearest_code_ties_go_to_first_index(dtype):
     assert torch.equal(nat_nc.forward(torch.zeros(3, 8, dtype=dtype), cb2, -1), torch.zeros(3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("D", [1, 3, 4, 8])
+@pytest.mark.parametrize("codebook", ["gaussian", "elongated", "flat", "lattice"])
+def test_nearest_code_sorted_search(D, codebook):
+    """Small D searches a codebook sorted along its principal axis and skips tiles by projection:
+    the answer must stay the exhaustive one, ties to the lowest index included."""
+    g = _gen(5 + D)
+    cb = torch.randn(700, D, generator=g)
+    if codebook == "elongated":
+        cb[:, 0] *= 30
+    elif codebook == "flat":  # every code projects to the same value along the principal axis
+        cb[:, 0] = 2.0
+        cb[:, 1:] = 0.0 if D == 1 else cb[:, 1:]
+    elif codebook == "lattice":  # coarse grid values: many exactly equal distances
+        cb = torch.round(cb * 2) / 2
+    cb = torch.cat([cb, cb[torch.randperm(700, generator=g)[:300]]])  # duplicates at higher indices
+    z = torch.randn(1500, D, generator=g) * 2
+    if codebook == "lattice":
+        z = torch.round(z * 2) / 2
+    got = nat_nc.forward(z, cb, -1)
+    _check_by_distance(z, cb, -1, got)
+    assert torch.all(got < 700)  # a duplicate never beats its first copy
+    want = ref_nc.forward(z, cb, -1)
+    assert (got == want).float().mean() > 0.99
+    # Exactly equal float32 distances go to the lowest index: z = 0 sees only the norms, which sign
+    # flips leave bit for bit the same.
+    signs = torch.tensor([(-1.0) ** d for d in range(D)])
+    cb_eq = torch.cat([cb[:5], -cb[:5], cb[:5] * signs])
+    assert torch.equal(nat_nc.forward(torch.zeros(4, D), cb_eq, -1), ref_nc.forward(torch.zeros(4, D), cb_eq, -1))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nearest_code_non_finite_as_reference(dtype):
     g = _gen(3)

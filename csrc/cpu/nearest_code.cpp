@@ -8,8 +8,10 @@
 // Rows are taken in blocks of kRowBlock, packed to float32, and swept against code tiles that stay in
 // L1: a register-blocked micro-kernel computes MR rows x NRV * kVec codes of distances, their lane-wise
 // minimum is compared with the row's best, and only the rare micro-tiles that beat it are scanned in
-// order, so ties keep the first index. Rows or codebooks holding non-finite or huge (> 2^40) values
-// take a scalar path with the reference's arithmetic and NaN-aware argmin.
+// order, so ties keep the first index. Up to D = kSortedMaxD the codebook is also sorted along its
+// principal axis and each row visits only the tiles whose projections could hold its nearest code
+// (search_sorted), with the same distances and the same answer. Rows or codebooks holding non-finite
+// or huge (> 2^40) values take a scalar path with the reference's arithmetic and NaN-aware argmin.
 #include "cpu/kernels.h"
 #include "cpu/rows.h"
 #include "cpu/vec_utils.h"
@@ -22,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 namespace vqfast {
@@ -34,42 +37,96 @@ constexpr int kWideMR = kVec >= 16 ? 6 : 3, kWideNRV = kVec >= 16 ? 4 : 2;
 constexpr int kTallMR = kVec >= 16 ? 8 : 4, kTallNRV = 2;
 constexpr int64_t kCodeAlign = 4 * kVec;  // codebook padding: a multiple of every NRV * kVec
 constexpr int64_t kTileFloats = 1 << 12;  // 16 KiB code tiles: half of a 32 KiB L1
+constexpr int64_t kSortedMaxD = 8;       // up to this D, search a sorted codebook (search_sorted)
 constexpr float kBig = 1099511627776.f;   // 2^40: below it, no distance can overflow or be NaN
 
 struct Codebook {
   int64_t K = 0, Kp = 0, D = 0;
   std::vector<float> panel;  // (Kp / kVec) blocks of (1 + D) x kVec: norms, then -2 * c
   bool finite = true;        // every value finite and below kBig
-  int64_t block(int64_t k) const { return (k / kVec) * (D + 1) * kVec + k % kVec; }
-  float norm(int64_t k) const { return panel[block(k)]; }
-  float at(int64_t k, int64_t d) const { return -0.5f * panel[block(k) + (d + 1) * kVec]; }
+  // Sorted codebooks (small D) hold their codes in order of projection on `axis`: slot s holds code
+  // order[s] (padding slots: K), and micro-tile t of `tile` slots spans projections [lo[t], hi[t]].
+  std::vector<int64_t> order, slot;
+  std::vector<float> axis, lo, hi;
+  int64_t tile = 0;
+  float max_norm = 0.f;
+  int64_t block(int64_t s) const { return (s / kVec) * (D + 1) * kVec + s % kVec; }
+  int64_t slot_of(int64_t k) const { return slot.empty() ? k : slot[k]; }
+  int64_t code_at(int64_t s) const { return order.empty() ? s : order[s]; }
+  float norm(int64_t k) const { return panel[block(slot_of(k))]; }
+  float at(int64_t k, int64_t d) const { return -0.5f * panel[block(slot_of(k)) + (d + 1) * kVec]; }
 };
 
+// The codebook's principal axis (unit norm, double precision): power iteration on its covariance.
+std::vector<double> principal_axis(const std::vector<float>& v, int64_t K, int64_t D) {
+  std::vector<double> mean(D, 0.0), cov(D * D, 0.0), u(D, 1.0 / std::sqrt(static_cast<double>(D)));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t d = 0; d < D; ++d) mean[d] += v[k * D + d] / static_cast<double>(K);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t a = 0; a < D; ++a)
+      for (int64_t b = 0; b < D; ++b) cov[a * D + b] += (v[k * D + a] - mean[a]) * (v[k * D + b] - mean[b]);
+  for (int it = 0; it < 64; ++it) {
+    std::vector<double> w(D, 0.0);
+    double n2 = 0.0;
+    for (int64_t a = 0; a < D; ++a) {
+      for (int64_t b = 0; b < D; ++b) w[a] += cov[a * D + b] * u[b];
+      n2 += w[a] * w[a];
+    }
+    if (!(n2 > 0.0)) break;  // all codes equal: any axis will do
+    for (int64_t a = 0; a < D; ++a) u[a] = w[a] / std::sqrt(n2);
+  }
+  return u;
+}
+
+// Packs the codebook; tile > 0 also sorts it along its principal axis in micro-tiles of `tile` slots.
 template <typename T>
-Codebook pack_codebook(const at::Tensor& cb) {
+Codebook pack_codebook(const at::Tensor& cb, int64_t tile) {
   Codebook p;
   p.K = cb.size(0);
   p.D = cb.size(1);
   p.Kp = (p.K + kCodeAlign - 1) / kCodeAlign * kCodeAlign;
-  p.panel.assign(p.Kp * (p.D + 1), 0.f);
-  for (int64_t k = p.K; k < p.Kp; ++k) p.panel[p.block(k)] = std::numeric_limits<float>::infinity();
+  const int64_t K = p.K, D = p.D;
+  std::vector<float> v(K * D);
   const T* src = cb.const_data_ptr<T>();
-  const int64_t s0 = cb.stride(0), s1 = cb.stride(1), D = p.D;
-  std::vector<char> ok(p.K, 1);
-  at::parallel_for(0, p.K, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      float norm = 0.f;
-      float* dst = p.panel.data() + p.block(k);
-      for (int64_t d = 0; d < D; ++d) {
-        const float v = static_cast<float>(src[k * s0 + d * s1]);
-        dst[(d + 1) * kVec] = -2.f * v;
-        norm = std::fma(v, v, norm);
-        if (!(std::abs(v) <= kBig)) ok[k] = 0;
-      }
-      dst[0] = norm;
+  const int64_t s0 = cb.stride(0), s1 = cb.stride(1);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t d = 0; d < D; ++d) v[k * D + d] = static_cast<float>(src[k * s0 + d * s1]);
+  p.finite = std::all_of(v.begin(), v.end(), [](float x) { return std::abs(x) <= kBig; });
+  std::vector<double> proj;
+  if (tile > 0 && p.finite) {
+    const std::vector<double> u = principal_axis(v, K, D);
+    p.axis.assign(u.begin(), u.end());
+    proj.assign(K, 0.0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t d = 0; d < D; ++d) proj[k] += v[k * D + d] * u[d];
+    p.order.resize(p.Kp);
+    std::iota(p.order.begin(), p.order.begin() + K, int64_t{0});
+    std::stable_sort(p.order.begin(), p.order.begin() + K, [&](int64_t a, int64_t b) { return proj[a] < proj[b]; });
+    std::fill(p.order.begin() + K, p.order.end(), K);
+    p.slot.resize(K);
+    for (int64_t s = 0; s < K; ++s) p.slot[p.order[s]] = s;
+    p.tile = tile;
+    for (int64_t t0 = 0; t0 < K; t0 += tile) {
+      p.lo.push_back(static_cast<float>(proj[p.order[t0]]));
+      p.hi.push_back(static_cast<float>(proj[p.order[std::min(K, t0 + tile) - 1]]));
     }
-  });
-  p.finite = std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; });
+  }
+  p.panel.assign(p.Kp * (D + 1), 0.f);
+  for (int64_t s = 0; s < p.Kp; ++s) {
+    float* dst = p.panel.data() + p.block(s);
+    if (s >= K) {
+      dst[0] = std::numeric_limits<float>::infinity();
+      continue;
+    }
+    const float* c = v.data() + p.code_at(s) * D;
+    float norm = 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      dst[(d + 1) * kVec] = -2.f * c[d];
+      norm = std::fma(c[d], c[d], norm);
+    }
+    dst[0] = norm;
+    p.max_norm = std::max(p.max_norm, norm);
+  }
   return p;
 }
 
@@ -190,6 +247,126 @@ void search(const at::Tensor& z, const Rows& rows, const Codebook& cb, int64_t* 
   });
 }
 
+// True when some lane of v is at most b.
+inline bool any_less_equal(const Vec& v, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(v, b, _CMP_LE_OQ) != 0;
+#else
+  return (v <= b).zero_mask() != (1 << kVec) - 1;
+#endif
+}
+
+// Small D, on a codebook sorted along its principal axis u (pack_codebook with tile = NRV * kVec):
+// |z.u - c.u| <= ||z - c||, so a micro-tile whose projections lie farther from a row's than the
+// row's best distance cannot hold its nearest code. Rows are sorted by projection within blocks of
+// kSortedRows; each group of MR neighbours starts at the tile its projections fall in and walks
+// outwards on both sides until every row of the group can stop. Distances are the same float32
+// values as the exhaustive search's and ties go to the lowest code index, so the answer is too;
+// the stopping test keeps a margin far above float32 rounding.
+template <typename T, int MR, int NRV, int DC>
+void search_sorted(const at::Tensor& z, const Rows& rows, const Codebook& cb, int64_t* out) {
+  constexpr int64_t W = NRV * kVec;
+  constexpr int64_t kSortedRows = MR * 64;
+  constexpr float kMargin = 1e-5f;  // relative to ||z||^2 + max ||c||^2
+  const T* zp = z.const_data_ptr<T>();
+  const int64_t N = rows.count(), D = cb.D, n_tiles = static_cast<int64_t>(cb.lo.size());
+  TORCH_INTERNAL_ASSERT(cb.tile == W && n_tiles > 0);
+  at::parallel_for(0, (N + kSortedRows - 1) / kSortedRows, 1, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<float> zb(kSortedRows * D), zs(kSortedRows * D);
+    std::vector<float> q(kSortedRows), qs(kSortedRows), bound_base(kSortedRows);
+    std::vector<int64_t> perm(kSortedRows);
+    std::vector<char> finite(kSortedRows);
+    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+      const int64_t r0 = blk * kSortedRows;
+      const int64_t nr = std::min(kSortedRows, N - r0);
+      for (int64_t i = 0; i < nr; ++i) {
+        const T* src = zp + rows.offset(r0 + i);
+        bool ok = true;
+        double proj = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          const float v = static_cast<float>(src[d * rows.d_stride]);
+          zb[i * D + d] = v;
+          ok &= std::abs(v) <= kBig;
+          proj += v * static_cast<double>(cb.axis[d]);
+        }
+        finite[i] = ok;
+        q[i] = ok ? static_cast<float>(proj) : 0.f;  // non-finite rows: searched as zeros, rescanned below
+      }
+      std::iota(perm.begin(), perm.begin() + nr, int64_t{0});
+      std::sort(perm.begin(), perm.begin() + nr, [&](int64_t a, int64_t b) { return q[a] < q[b]; });
+      // Sorted rows; the last group is padded with copies of the last row.
+      const int64_t padded = (nr + MR - 1) / MR * MR;
+      for (int64_t j = 0; j < padded; ++j) {
+        const int64_t i = perm[std::min(j, nr - 1)];
+        float zz = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float v = finite[i] ? zb[i * D + d] : 0.f;
+          zs[j * D + d] = v;
+          zz = std::fma(v, v, zz);
+        }
+        qs[j] = q[i];
+        // A row may stop at a tile whose gap^2 exceeds best + bound_base (best excludes ||z||^2).
+        bound_base[j] = zz + kMargin * (zz + cb.max_norm);
+      }
+      for (int64_t j0 = 0; j0 < padded; j0 += MR) {
+        float best[MR];
+        int64_t index[MR];
+        std::fill(best, best + MR, std::numeric_limits<float>::infinity());
+        std::fill(index, index + MR, std::numeric_limits<int64_t>::max());
+        auto visit = [&](int64_t t) {
+          const int64_t k = t * W;
+          Vec dist[MR][NRV];
+          micro_kernel<MR, NRV, DC>(zs.data() + j0 * D, D, cb.panel.data() + k * (D + 1), dist);
+          for (int i = 0; i < MR; ++i) {
+            Vec low = dist[i][0];
+            for (int j = 1; j < NRV; ++j) low = min_finite(low, dist[i][j]);
+            if (!any_less_equal(low, Vec(best[i]))) continue;
+            float d[W];
+            for (int j = 0; j < NRV; ++j) dist[i][j].store(d + j * kVec);
+            for (int64_t l = 0; l < W; ++l) {
+              const int64_t code = cb.order[k + l];
+              if (d[l] < best[i] || (d[l] == best[i] && code < index[i])) best[i] = d[l], index[i] = code;
+            }
+          }
+        };
+        // Every row of the group is done with the tiles beyond t (on the side gap() measures).
+        auto done = [&](auto gap) {
+          for (int i = 0; i < MR; ++i) {
+            const float g = gap(qs[j0 + i]);
+            if (!(g > 0.f && g * g > best[i] + bound_base[j0 + i])) return false;
+          }
+          return true;
+        };
+        const float q_mid = qs[j0 + MR / 2];
+        int64_t right = std::lower_bound(cb.hi.begin(), cb.hi.end(), q_mid) - cb.hi.begin();
+        right = std::min(right, n_tiles - 1);
+        int64_t left = right - 1;
+        visit(right++);
+        while (right < n_tiles || left >= 0) {
+          if (right < n_tiles) {
+            if (done([&](float qi) { return cb.lo[right] - qi; })) {
+              right = n_tiles;
+            } else {
+              visit(right++);
+            }
+          }
+          if (left >= 0) {
+            if (done([&](float qi) { return qi - cb.hi[left]; })) {
+              left = -1;
+            } else {
+              visit(left--);
+            }
+          }
+        }
+        for (int64_t j = j0; j < std::min(j0 + MR, nr); ++j) {
+          const int64_t i = perm[j];
+          out[r0 + i] = finite[i] ? index[j - j0] : scan_row(zb.data() + i * D, cb);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor nearest_code(const at::Tensor& z_in, const at::Tensor& codebook, int64_t dim) {
@@ -208,10 +385,15 @@ at::Tensor nearest_code(const at::Tensor& z_in, const at::Tensor& codebook, int6
   const at::Tensor z = as_rows(z_in, dim, rows);
   dispatch_float(z.scalar_type(), "nearest_code", [&](auto tag) {
     using scalar_t = decltype(tag);
-    const Codebook cb = pack_codebook<scalar_t>(codebook);
     int64_t* o = out.data_ptr<int64_t>();
-    if (cb.D == 4) {  // VQ-GAN / MoVQ latents
-      search<scalar_t, kWideMR, kWideNRV, 4>(z, rows, cb, o);
+    const int64_t D = codebook.size(1);
+    const Codebook cb = pack_codebook<scalar_t>(codebook, D <= kSortedMaxD ? kWideNRV * kVec : 0);
+    if (!cb.order.empty()) {
+      if (D == 4) {  // VQ-GAN / MoVQ latents
+        search_sorted<scalar_t, kWideMR, kWideNRV, 4>(z, rows, cb, o);
+      } else {
+        search_sorted<scalar_t, kWideMR, kWideNRV, 0>(z, rows, cb, o);
+      }
     } else if (cb.D <= 32) {
       search<scalar_t, kWideMR, kWideNRV, 0>(z, rows, cb, o);
     } else {
