@@ -2,7 +2,6 @@
 #pragma once
 
 #include "cpu/group_norm_kernel.h"
-#include "cpu/huge_pages.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -35,7 +34,6 @@ inline at::Tensor as_layout(const at::Tensor& t, Layout layout) {
 // `layout`: the same one unless empty_like chose another layout (x neither contiguous nor channels-last).
 inline std::pair<at::Tensor, at::Tensor> output_like(const at::Tensor& like, const at::Tensor& kernel_in) {
   at::Tensor out = at::empty_like(like);
-  advise_huge_pages(out);
   if (out.strides() == kernel_in.strides()) return {out, out};
   return {out, at::empty_like(kernel_in)};
 }

@@ -3,8 +3,6 @@
 // and its elements are d_stride apart. NCHW latents with dim=1 are (N, H*W) rows, D = C apart.
 #pragma once
 
-#include "cpu/huge_pages.h"
-
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -65,7 +63,6 @@ struct RowsOutput {
   at::Tensor out, buffer;
   Rows rows;
   RowsOutput(const at::Tensor& like, int64_t dim) : out(at::empty_like(like)) {
-    cpu::advise_huge_pages(out);
     buffer = collapse_rows(out, dim, rows) ? out : at::empty(out.sizes(), out.options());
     collapse_rows(buffer, dim, rows);
   }

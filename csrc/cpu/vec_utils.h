@@ -40,6 +40,13 @@ template <typename T>
 inline void vstore(T* p, const Vec& v) {
   if constexpr (std::is_same_v<T, float>) {
     v.store(p);
+#if defined(CPU_CAPABILITY_AVX512)
+  // One vector's conversion: convert_from_float converts a pair, here twice the work for half the use.
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_fp16(__m512(v)));
+#endif
   } else {
     at::vec::convert_from_float<T>(v, v).store(p, kVec);
   }
