@@ -240,6 +240,20 @@ def test_group_norm_act_large_mean_is_stable():
     torch.testing.assert_close(y.double(), ry, rtol=0, atol=2e-2)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_act_silu_extreme_pre_activations(layout):
+    """SiLU where exp(-y) overflows float32 (y < -88.7) is -0, and of +-inf what torch gives."""
+    x = _strided(torch.randn(1, 16, 5, 5, generator=_gen(6)), layout)
+    w = torch.tensor([300.0] * 4 + [1e4] * 4 + [0.0] * 8)  # one group per case
+    b = torch.tensor([0.0] * 8 + [float("inf")] * 4 + [-float("inf")] * 4)
+    y, mean, rstd = nat_gn.forward(x, 4, w, b, 1e-6, "silu")
+    want = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, w, b, 1e-6))
+    torch.testing.assert_close(y, want, rtol=2e-5, atol=1e-6, equal_nan=True)
+    grad = torch.randn(x.shape, generator=_gen(7))
+    gx, _, _ = nat_gn.backward(grad, x, w, b, mean, rstd, "silu")
+    assert not torch.isnan(gx[:, :8]).any()  # finite pre-activations, however negative
+
+
 def test_group_norm_act_autograd_through_op():
     g = _gen(5)
     x = torch.randn(2, 16, 6, 6, generator=g, dtype=torch.float64).float().requires_grad_()

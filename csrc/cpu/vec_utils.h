@@ -84,7 +84,34 @@ inline Vec reciprocal(const Vec& d) {
 #endif
 }
 
-inline Vec sigmoid(const Vec& y) { return reciprocal(Vec(1.f) + (Vec(0.f) - y).exp_u20()); }
+// exp(x) for -100 <= x <= 88. AVX512: 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 (two-part ln 2),
+// exp(r) by its degree-6 Taylor polynomial (|r| <= ln 2 / 2: relative error < 3e-8), 2^n by scalef,
+// which also takes care of underflow (11 instructions; at::vec's exp_u20 takes 19).
+inline Vec exp_clamped(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2, high part: n * it is exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);      // ln 2, low part
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 720), r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+#else
+  return x.exp_u20();
+#endif
+}
+
+// -y is clamped to [-100, 88] so that 1 + exp(-y) stays finite (its reciprocal's Newton step never
+// meets inf * 0) and the range reduction never meets inf - inf. Past 88 the sigmoid, below 7e-39,
+// is made exactly 0 as torch's 1 / (1 + inf), so silu(-inf) is NaN and silu(-1000) is -0 as there.
+inline Vec sigmoid(const Vec& y) {
+  const Vec t = at::vec::clamp(Vec(0.f) - y, Vec(-100.f), Vec(88.f));
+  return reciprocal(Vec(1.f) + exp_clamped(t)) & (t < Vec(88.f));
+}
 
 inline Vec silu(const Vec& y) { return y * sigmoid(y); }
 
