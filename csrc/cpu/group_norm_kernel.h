@@ -250,22 +250,24 @@ void forward_cl(const T* x, T* y, Shape sh, const float* w, const float* b, floa
                 const Spatial& sp) {
   const int64_t C = sh.C, S = sh.S, Cg = sh.Cg();
   const int64_t runs = (S + kPositions - 1) / kPositions;
-  std::vector<float> K(sh.N * C + kVec), part(sh.N * runs * 2 * C);
+  std::vector<float> K(sh.N * C + kVec), part(sh.N * runs * 2 * C + kVec);
   for (int64_t n = 0; n < sh.N; ++n)
     for (int64_t c = 0; c < C; ++c) K[n * C + c] = static_cast<float>(x[n * S * C + (c / Cg) * Cg]);
   for_each_run(sh, [&](int64_t n, int64_t r, int64_t s0, int64_t s1) {
     float* p1 = part.data() + ((n * runs + r) * 2) * C;
     float* p2 = p1 + C;
-    for (int64_t c = 0; c < C; c += kVec) {
-      const int64_t m = C - c;
-      const Vec k = Vec::loadu(K.data() + n * C + c);
-      Vec a(0.f), q(0.f);
-      for (int64_t s = s0; s < s1; ++s) {
-        const Vec v = vload_n(x + (n * S + s) * C + c, m) - k;
-        a = a + v, q = at::vec::fmadd(v, v, q);
+    std::fill(p1, p2 + C, 0.f);
+    const float* Kn = K.data() + n * C;
+    // Positions outer, channels inner: x streams in memory order, and a channel's running sums come
+    // back from L1 only after the other channels' updates, so no add latency chain bounds the loop.
+    for (int64_t s = s0; s < s1; ++s) {
+      const T* xs = x + (n * S + s) * C;
+      for (int64_t c = 0; c < C; c += kVec) {
+        const int64_t m = C - c;
+        const Vec v = vload_n(xs + c, m) - Vec::loadu(Kn + c);
+        vstore_n(p1 + c, Vec::loadu(p1 + c) + v, m);
+        vstore_n(p2 + c, at::vec::fmadd(v, v, Vec::loadu(p2 + c)), m);
       }
-      vstore_n(p1 + c, a, m);
-      vstore_n(p2 + c, q, m);
     }
   });
   // Per (n, c): y = act((x - mean) * a + b) (before the spatial scale/shift), a = rstd * w.
