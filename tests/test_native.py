@@ -143,6 +143,8 @@ def test_nearest_code_sorted_search(D, codebook):
     assert torch.all(got < 700)  # a duplicate never beats its first copy
     want = ref_nc.forward(z, cb, -1)
     assert (got == want).float().mean() > 0.99
+    # Below 1024 rows the codebook is searched exhaustively: the same distances, the same answer.
+    assert torch.equal(torch.cat([nat_nc.forward(part, cb, -1) for part in z.split(500)]), got)
     # Exactly equal float32 distances go to the lowest index: z = 0 sees only the norms, which sign
     # flips leave bit for bit the same.
     signs = torch.tensor([(-1.0) ** d for d in range(D)])
@@ -167,6 +169,9 @@ def test_nearest_code_non_finite_as_reference(dtype):
     cb_inf[5, 0] = float("inf")
     cb_inf[30, 2] = -float("inf")
     cases += [(z, cb_nan), (z, cb_inf), (z[5:], cb_nan)]
+    # The same rows among enough others (>= 1024) for the sorted search.
+    z_many = torch.cat([torch.randn(1200, 6, generator=g), z])[torch.randperm(1212, generator=g)]
+    cases += [(z_many, cb), (z_many, cb_inf)]
     for zz, cc in cases:
         zz, cc = zz.to(dtype), cc.to(dtype)
         torch.testing.assert_close(nat_nc.forward(zz, cc, -1), ref_nc.forward(zz, cc, -1), rtol=0, atol=0)

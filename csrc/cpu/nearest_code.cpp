@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -37,7 +38,8 @@ constexpr int kWideMR = kVec >= 16 ? 6 : 3, kWideNRV = kVec >= 16 ? 4 : 2;
 constexpr int kTallMR = kVec >= 16 ? 8 : 4, kTallNRV = 2;
 constexpr int64_t kCodeAlign = 4 * kVec;  // codebook padding: a multiple of every NRV * kVec
 constexpr int64_t kTileFloats = 1 << 12;  // 16 KiB code tiles: half of a 32 KiB L1
-constexpr int64_t kSortedMaxD = 8;       // up to this D, search a sorted codebook (search_sorted)
+constexpr int64_t kSortedMaxD = 8;       // up to this D, search a sorted codebook (search_sorted),
+constexpr int64_t kSortedMinRows = 1024;  // given rows enough to repay the sort (~1 ms at K = 16384)
 constexpr float kBig = 1099511627776.f;   // 2^40: below it, no distance can overflow or be NaN
 
 struct Codebook {
@@ -57,12 +59,17 @@ struct Codebook {
   float at(int64_t k, int64_t d) const { return -0.5f * panel[block(slot_of(k)) + (d + 1) * kVec]; }
 };
 
-// The codebook's principal axis (unit norm, double precision): power iteration on its covariance.
-std::vector<double> principal_axis(const std::vector<float>& v, int64_t K, int64_t D) {
+// The codebook's principal axis (unit norm): power iteration on the covariance of at most about
+// kAxisSample codes. Any unit axis keeps the search exact; a good one only makes it skip more.
+constexpr int64_t kAxisSample = 4096;
+
+std::vector<float> principal_axis(const std::vector<float>& v, int64_t K, int64_t D) {
+  const int64_t step = std::max<int64_t>(1, K / kAxisSample);
+  const double count = static_cast<double>((K + step - 1) / step);
   std::vector<double> mean(D, 0.0), cov(D * D, 0.0), u(D, 1.0 / std::sqrt(static_cast<double>(D)));
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t d = 0; d < D; ++d) mean[d] += v[k * D + d] / static_cast<double>(K);
-  for (int64_t k = 0; k < K; ++k)
+  for (int64_t k = 0; k < K; k += step)
+    for (int64_t d = 0; d < D; ++d) mean[d] += v[k * D + d] / count;
+  for (int64_t k = 0; k < K; k += step)
     for (int64_t a = 0; a < D; ++a)
       for (int64_t b = 0; b < D; ++b) cov[a * D + b] += (v[k * D + a] - mean[a]) * (v[k * D + b] - mean[b]);
   for (int it = 0; it < 64; ++it) {
@@ -75,7 +82,14 @@ std::vector<double> principal_axis(const std::vector<float>& v, int64_t K, int64
     if (!(n2 > 0.0)) break;  // all codes equal: any axis will do
     for (int64_t a = 0; a < D; ++a) u[a] = w[a] / std::sqrt(n2);
   }
-  return u;
+  return std::vector<float>(u.begin(), u.end());
+}
+
+// A key whose unsigned order is the float order of f (for a radix-friendly sort of projections).
+inline uint32_t ordered_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
 }
 
 // Packs the codebook; tile > 0 also sorts it along its principal axis in micro-tiles of `tile` slots.
@@ -92,41 +106,46 @@ Codebook pack_codebook(const at::Tensor& cb, int64_t tile) {
   for (int64_t k = 0; k < K; ++k)
     for (int64_t d = 0; d < D; ++d) v[k * D + d] = static_cast<float>(src[k * s0 + d * s1]);
   p.finite = std::all_of(v.begin(), v.end(), [](float x) { return std::abs(x) <= kBig; });
-  std::vector<double> proj;
-  if (tile > 0 && p.finite) {
-    const std::vector<double> u = principal_axis(v, K, D);
-    p.axis.assign(u.begin(), u.end());
-    proj.assign(K, 0.0);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t d = 0; d < D; ++d) proj[k] += v[k * D + d] * u[d];
-    p.order.resize(p.Kp);
-    std::iota(p.order.begin(), p.order.begin() + K, int64_t{0});
-    std::stable_sort(p.order.begin(), p.order.begin() + K, [&](int64_t a, int64_t b) { return proj[a] < proj[b]; });
-    std::fill(p.order.begin() + K, p.order.end(), K);
+  if (tile > 0 && p.finite && K < (int64_t{1} << 32)) {
+    p.axis = principal_axis(v, K, D);
+    std::vector<float> proj(K, 0.f);
+    std::vector<uint64_t> keys(K);  // (projection, index): sorted, ties keep index order
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t d = 0; d < D; ++d) proj[k] = std::fma(v[k * D + d], p.axis[d], proj[k]);
+      keys[k] = (static_cast<uint64_t>(ordered_bits(proj[k])) << 32) | static_cast<uint64_t>(k);
+    }
+    std::sort(keys.begin(), keys.end());
+    p.order.resize(p.Kp, K);
     p.slot.resize(K);
-    for (int64_t s = 0; s < K; ++s) p.slot[p.order[s]] = s;
+    for (int64_t s = 0; s < K; ++s) {
+      p.order[s] = static_cast<int64_t>(keys[s] & 0xffffffffu);
+      p.slot[p.order[s]] = s;
+    }
     p.tile = tile;
     for (int64_t t0 = 0; t0 < K; t0 += tile) {
-      p.lo.push_back(static_cast<float>(proj[p.order[t0]]));
-      p.hi.push_back(static_cast<float>(proj[p.order[std::min(K, t0 + tile) - 1]]));
+      p.lo.push_back(proj[p.order[t0]]);
+      p.hi.push_back(proj[p.order[std::min(K, t0 + tile) - 1]]);
     }
   }
   p.panel.assign(p.Kp * (D + 1), 0.f);
-  for (int64_t s = 0; s < p.Kp; ++s) {
-    float* dst = p.panel.data() + p.block(s);
-    if (s >= K) {
-      dst[0] = std::numeric_limits<float>::infinity();
-      continue;
+  std::vector<float> norms(p.Kp, 0.f);
+  at::parallel_for(0, p.Kp, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      float* dst = p.panel.data() + p.block(s);
+      if (s >= K) {
+        dst[0] = std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const float* c = v.data() + p.code_at(s) * D;
+      float norm = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        dst[(d + 1) * kVec] = -2.f * c[d];
+        norm = std::fma(c[d], c[d], norm);
+      }
+      dst[0] = norms[s] = norm;
     }
-    const float* c = v.data() + p.code_at(s) * D;
-    float norm = 0.f;
-    for (int64_t d = 0; d < D; ++d) {
-      dst[(d + 1) * kVec] = -2.f * c[d];
-      norm = std::fma(c[d], c[d], norm);
-    }
-    dst[0] = norm;
-    p.max_norm = std::max(p.max_norm, norm);
-  }
+  });
+  p.max_norm = *std::max_element(norms.begin(), norms.end());
   return p;
 }
 
@@ -387,7 +406,8 @@ at::Tensor nearest_code(const at::Tensor& z_in, const at::Tensor& codebook, int6
     using scalar_t = decltype(tag);
     int64_t* o = out.data_ptr<int64_t>();
     const int64_t D = codebook.size(1);
-    const Codebook cb = pack_codebook<scalar_t>(codebook, D <= kSortedMaxD ? kWideNRV * kVec : 0);
+    const bool sorted = D <= kSortedMaxD && rows.count() >= kSortedMinRows;
+    const Codebook cb = pack_codebook<scalar_t>(codebook, sorted ? kWideNRV * kVec : 0);
     if (!cb.order.empty()) {
       if (D == 4) {  // VQ-GAN / MoVQ latents
         search_sorted<scalar_t, kWideMR, kWideNRV, 4>(z, rows, cb, o);
