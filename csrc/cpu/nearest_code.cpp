@@ -38,7 +38,7 @@ constexpr int kWideMR = kVec >= 16 ? 6 : 3, kWideNRV = kVec >= 16 ? 4 : 2;
 constexpr int kTallMR = kVec >= 16 ? 8 : 4, kTallNRV = 2;
 constexpr int64_t kCodeAlign = 4 * kVec;  // codebook padding: a multiple of every NRV * kVec
 constexpr int64_t kTileFloats = 1 << 12;  // 16 KiB code tiles: half of a 32 KiB L1
-constexpr int64_t kSortedMaxD = 8;       // up to this D, search a sorted codebook (search_sorted),
+constexpr int64_t kSortedMaxD = 8;        // up to this D, search a sorted codebook (search_sorted),
 constexpr int64_t kSortedMinRows = 1024;  // given rows enough to repay the sort (~1 ms at K = 16384)
 constexpr float kBig = 1099511627776.f;   // 2^40: below it, no distance can overflow or be NaN
 
