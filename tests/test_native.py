@@ -114,7 +114,8 @@ def test_nearest_code_ties_go_to_first_index(dtype):
     z = torch.randn(50, 8, generator=g).to(dtype)
     got = nat_nc.forward(z, cb, -1)
     assert torch.all(got < 20)
-    torch.testing.assert_close(got, ref_nc.forward(z, cb, -1), rtol=0, atol=0)
+    # Judged against the 20 distinct codes: a BLAS may round a code's copies differently.
+    torch.testing.assert_close(got, ref_nc.forward(z, cb[:20], -1), rtol=0, atol=0)
     # Exactly equidistant codes: z = 0 against +-e_i: all distances 1, the first wins.
     cb2 = torch.cat([torch.eye(8), -torch.eye(8)]).to(dtype)
     assert torch.equal(nat_nc.forward(torch.zeros(3, 8, dtype=dtype), cb2, -1), torch.zeros(3, dtype=torch.long))

@@ -204,11 +204,14 @@ def test_nearest_code_ties_go_to_the_first_index(device, d):
     torch.manual_seed(0)
     codes = torch.randn(70, d, device=device)
     codebook = torch.cat([codes, codes])  # each code twice, in another tile and lane
-    z = torch.cat([codes[torch.randperm(70)[:40]], torch.randn(25, d, device=device)])
+    picked = torch.randperm(70)[:40]
+    z = torch.cat([codes[picked], torch.randn(25, d, device=device)])
     with vqfast.use_backend("triton"):
         indices = ops.nearest_code(z, codebook, -1)
     assert bool((indices < 70).all())
-    assert torch.equal(indices[:40].cpu(), exact_distances(z[:40], codebook).argmin(1).cpu())
+    # Each copied row is at distance 0 from its code and from that code's duplicate only: the first
+    # copy wins. (A float64 cdist argmin is no judge here: its two zeros may round differently.)
+    assert torch.equal(indices[:40].cpu(), picked)
     check_nearest(z, codebook, -1, indices, slack=1e-6)
 
 
