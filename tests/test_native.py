@@ -142,7 +142,7 @@ def test_nearest_code_sorted_search(D, codebook):
     got = nat_nc.forward(z, cb, -1)
     _check_by_distance(z, cb, -1, got)
     assert torch.all(got < 700)  # a duplicate never beats its first copy
-    want = ref_nc.forward(z, cb, -1)
+    want = ref_nc.forward(z, cb[:700], -1)  # the distinct codes: a BLAS may round copies differently
     assert (got == want).float().mean() > 0.99
     # Below 1024 rows the codebook is searched exhaustively: the same distances, the same answer.
     assert torch.equal(torch.cat([nat_nc.forward(part, cb, -1) for part in z.split(500)]), got)
