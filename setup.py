@@ -38,7 +38,8 @@ def _arch_args() -> list[str]:
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}
     avx2 = {"avx2", "fma", "f16c"}
     if choice == "avx512" or (choice == "native" and avx512 <= flags):
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+        bf16 = ["-mavx512bf16"] if "avx512_bf16" in flags else []
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", *bf16,
                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if choice == "avx2" or (choice == "native" and avx2 <= flags):
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]

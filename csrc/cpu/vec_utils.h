@@ -43,7 +43,11 @@ inline void vstore(T* p, const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   // One vector's conversion: convert_from_float converts a pair, here twice the work for half the use.
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#if defined(__AVX512BF16__)  // one instruction, round to nearest even as torch; flushes results below 1.2e-38
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(__m512(v)));
+#else
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+#endif
   } else if constexpr (std::is_same_v<T, c10::Half>) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_fp16(__m512(v)));
 #endif
