@@ -32,7 +32,7 @@ from benchmarks.cases import BASELINES, LAYOUTS, OPS, Case, build, implementatio
 from benchmarks.models import MODELS, TASKS, ModelCase, build_model, check, model_plan
 from benchmarks.peak import measure_peaks
 from benchmarks.report import Row
-from benchmarks.timing import measure, timed_call
+from benchmarks.timing import Timing, measure, timed_call
 from vqfast.backend import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model-repeats",
         type=int,
         default=None,
-        help="timed calls per model task at least; default 1 on the CPU, 5 on CUDA",
+        help="timed calls per model task, taken in turns by the implementations; default 2 on the CPU, 5 on CUDA",
     )
     p.add_argument(
         "--out-dir",
@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "model_compile": cuda and not quick,
         "budget": 0.0 if quick else 0.1,
         "min_repeats": 1 if quick else 3,
-        "model_repeats": 1 if quick or not cuda else 5,
+        "model_repeats": 1 if quick else (5 if cuda else 2),
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -263,44 +263,62 @@ def run_models(
     progress: tqdm,
     skip: Callable[[str, str, str], None],
 ) -> list[Row]:
+    """Per task, the implementations take turns call by call (eager, vqfast, eager, ...), so that a
+    machine's drift during the minutes a model takes weighs on every one of them alike."""
     rows: list[Row] = []
     for case in cases:
         bench = build_model(case, device, with_vqfast=any(i.startswith("vqfast") for i in impls))
         expected: dict[str, torch.Tensor] = {}
         case_rows = []
-        for impl in impls:
-            for task in TASKS:
+        for task in TASKS:
+            calls = {impl: bench.function(impl, task) for impl in impls}
+            times: dict[str, list[float]] = {impl: [] for impl in impls}
+            outputs: dict[str, Any] = {}
+            compile_s: dict[str, float | None] = {}
+            for impl in impls:  # compilation, and on CUDA a warmup call, apart from the timed calls
                 progress.set_postfix_str(f"{case.label} {task} {impl}")
-                try:  # no warmup on the CPU: a call takes seconds there, and build_model ran the encoder
-                    timing, output = run_one(
-                        bench.function(impl, task),
-                        device,
-                        compiled=impl.endswith("compile"),
-                        budget_s=args.budget,
-                        min_repeats=args.model_repeats,
-                        warmup=device.type == "cuda",
-                    )
+                try:
+                    compile_s[impl] = timed_call(calls[impl], device)[0] if impl.endswith("compile") else None
+                    if device.type == "cuda":
+                        calls[impl]()
                 except Exception as exc:  # noqa: BLE001  as for the ops
                     skip(f"{case.label} {task}", impl, _failure(exc))
-                else:
-                    if impl == "eager":
-                        expected[task] = output
-                    checked = impl != "eager" and task in expected
-                    error, match = check(output, expected[task], case.dtype) if checked else (None, None)
-                    case_rows.append(
-                        {
-                            "model": case.model + " (narrow)" * case.narrow,
-                            "task": task,
-                            "input": case.input,
-                            "dtype": case.dtype,
-                            "impl": impl,
-                            **timing,
-                            "images_per_s": case.batch / (timing["median_ms"] / 1e3),
-                            "max_rel_err": error,
-                            "match": match,
-                        }
-                    )
+                    del calls[impl]
+            for _ in range(args.model_repeats):
+                for impl in list(calls):
+                    try:
+                        seconds, outputs[impl] = timed_call(calls[impl], device)
+                    except Exception as exc:  # noqa: BLE001
+                        skip(f"{case.label} {task}", impl, _failure(exc))
+                        del calls[impl]
+                    else:
+                        times[impl].append(seconds)
+            for impl in impls:
                 progress.update()
+                if impl not in calls:
+                    continue
+                timing = Timing(times[impl], outputs[impl])
+                if impl == "eager":
+                    expected[task] = outputs[impl]
+                checked = impl != "eager" and task in expected
+                error, match = check(outputs[impl], expected[task], case.dtype) if checked else (None, None)
+                case_rows.append(
+                    {
+                        "model": case.model + " (narrow)" * case.narrow,
+                        "task": task,
+                        "input": case.input,
+                        "dtype": case.dtype,
+                        "impl": impl,
+                        "median_ms": 1e3 * timing.median_s,
+                        "iqr_ms": 1e3 * timing.iqr_s,
+                        "repeats": len(timing.times_s),
+                        "compile_s": compile_s[impl],
+                        "cost_s": (compile_s[impl] or 0.0) + sum(timing.times_s),
+                        "images_per_s": case.batch / timing.median_s,
+                        "max_rel_err": error,
+                        "match": match,
+                    }
+                )
         for task in TASKS:
             _ratios([r for r in case_rows if r["task"] == task], "vs_eager", "eager")
         rows += case_rows
