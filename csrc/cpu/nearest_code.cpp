@@ -85,7 +85,7 @@ std::vector<float> principal_axis(const std::vector<float>& v, int64_t K, int64_
   return std::vector<float>(u.begin(), u.end());
 }
 
-// A key whose unsigned order is the float order of f (for a radix-friendly sort of projections).
+// A key whose unsigned order is the float order of f: one integer sort then orders (projection, index).
 inline uint32_t ordered_bits(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
