@@ -47,10 +47,10 @@ struct Codebook {
   std::vector<float> panel;  // (Kp / kVec) blocks of (1 + D) x kVec: norms, then -2 * c
   bool finite = true;        // every value finite and below kBig
   // Sorted codebooks (small D) hold their codes in order of projection on `axis`: slot s holds code
-  // order[s] (padding slots: K), and micro-tile t of `tile` slots spans projections [lo[t], hi[t]].
+  // order[s] (padding slots: K), and micro-tile t (the search's width of slots) spans projections
+  // [lo[t], hi[t]].
   std::vector<int64_t> order, slot;
   std::vector<float> axis, lo, hi;
-  int64_t tile = 0;
   float max_norm = 0.f;
   int64_t block(int64_t s) const { return (s / kVec) * (D + 1) * kVec + s % kVec; }
   int64_t slot_of(int64_t k) const { return slot.empty() ? k : slot[k]; }
@@ -121,7 +121,6 @@ Codebook pack_codebook(const at::Tensor& cb, int64_t tile) {
       p.order[s] = static_cast<int64_t>(keys[s] & 0xffffffffu);
       p.slot[p.order[s]] = s;
     }
-    p.tile = tile;
     for (int64_t t0 = 0; t0 < K; t0 += tile) {
       p.lo.push_back(proj[p.order[t0]]);
       p.hi.push_back(proj[p.order[std::min(K, t0 + tile) - 1]]);
@@ -194,13 +193,32 @@ inline Vec min_finite(const Vec& a, const Vec& b) {
 #endif
 }
 
-// True when some lane of v is below b.
-inline bool any_less(const Vec& v, const Vec& b) {
+// True when some lane of v is at most b.
+inline bool any_less_equal(const Vec& v, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_cmp_ps_mask(v, b, _CMP_LT_OQ) != 0;
+  return _mm512_cmp_ps_mask(v, b, _CMP_LE_OQ) != 0;
 #else
-  return (v < b).zero_mask() != (1 << kVec) - 1;
+  return (v <= b).zero_mask() != (1 << kVec) - 1;
 #endif
+}
+
+// Folds the distances of MR rows to the micro-tile of NRV * kVec codes at slot k into each row's
+// (best, index). Only a tile whose lane-wise minimum reaches a row's best is scanned, in slot order;
+// an equal distance wins when its code index is lower, so ties go to the first index whatever
+// order the tiles are visited in.
+template <int MR, int NRV>
+inline void update_best(const Vec (&dist)[MR][NRV], int64_t k, const Codebook& cb, float* best, int64_t* index) {
+  for (int i = 0; i < MR; ++i) {
+    Vec low = dist[i][0];
+    for (int j = 1; j < NRV; ++j) low = min_finite(low, dist[i][j]);
+    if (!any_less_equal(low, Vec(best[i]))) continue;
+    float d[NRV * kVec];
+    for (int j = 0; j < NRV; ++j) dist[i][j].store(d + j * kVec);
+    for (int64_t l = 0; l < NRV * kVec; ++l) {
+      const int64_t code = cb.code_at(k + l);
+      if (d[l] < best[i] || (d[l] == best[i] && code < index[i])) best[i] = d[l], index[i] = code;
+    }
+  }
 }
 
 template <typename T, int MR, int NRV, int DC>
@@ -243,18 +261,7 @@ void search(const at::Tensor& z, const Rows& rows, const Codebook& cb, int64_t* 
             for (int64_t k = k0; k < k1; k += kCodesPerMicro) {
               Vec dist[MR][NRV];
               micro_kernel<MR, NRV, DC>(zb.data() + i0 * D, D, cb.panel.data() + k * (D + 1), dist);
-              for (int i = 0; i < MR; ++i) {
-                Vec low = dist[i][0];
-                for (int j = 1; j < NRV; ++j) low = min_finite(low, dist[i][j]);
-                if (!any_less(low, Vec(best[i0 + i]))) continue;
-                // Some lane beats the row's best: scan this micro-tile's codes in order.
-                float d[kCodesPerMicro];
-                for (int j = 0; j < NRV; ++j) dist[i][j].store(d + j * kVec);
-                float& bi = best[i0 + i];
-                for (int64_t l = 0; l < kCodesPerMicro; ++l) {
-                  if (d[l] < bi) bi = d[l], index[i0 + i] = k + l;
-                }
-              }
+              update_best(dist, k, cb, best + i0, index + i0);
             }
           }
         }
@@ -264,15 +271,6 @@ void search(const at::Tensor& z, const Rows& rows, const Codebook& cb, int64_t* 
       }
     }
   });
-}
-
-// True when some lane of v is at most b.
-inline bool any_less_equal(const Vec& v, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_cmp_ps_mask(v, b, _CMP_LE_OQ) != 0;
-#else
-  return (v <= b).zero_mask() != (1 << kVec) - 1;
-#endif
 }
 
 // Small D, on a codebook sorted along its principal axis u (pack_codebook with tile = NRV * kVec):
@@ -289,7 +287,7 @@ void search_sorted(const at::Tensor& z, const Rows& rows, const Codebook& cb, in
   constexpr float kMargin = 1e-5f;  // relative to ||z||^2 + max ||c||^2
   const T* zp = z.const_data_ptr<T>();
   const int64_t N = rows.count(), D = cb.D, n_tiles = static_cast<int64_t>(cb.lo.size());
-  TORCH_INTERNAL_ASSERT(cb.tile == W && n_tiles > 0);
+  TORCH_INTERNAL_ASSERT(n_tiles == (cb.K + W - 1) / W);  // packed in micro-tiles of W slots
   at::parallel_for(0, (N + kSortedRows - 1) / kSortedRows, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<float> zb(kSortedRows * D), zs(kSortedRows * D);
     std::vector<float> q(kSortedRows), qs(kSortedRows), bound_base(kSortedRows);
@@ -333,20 +331,9 @@ void search_sorted(const at::Tensor& z, const Rows& rows, const Codebook& cb, in
         std::fill(best, best + MR, std::numeric_limits<float>::infinity());
         std::fill(index, index + MR, std::numeric_limits<int64_t>::max());
         auto visit = [&](int64_t t) {
-          const int64_t k = t * W;
           Vec dist[MR][NRV];
-          micro_kernel<MR, NRV, DC>(zs.data() + j0 * D, D, cb.panel.data() + k * (D + 1), dist);
-          for (int i = 0; i < MR; ++i) {
-            Vec low = dist[i][0];
-            for (int j = 1; j < NRV; ++j) low = min_finite(low, dist[i][j]);
-            if (!any_less_equal(low, Vec(best[i]))) continue;
-            float d[W];
-            for (int j = 0; j < NRV; ++j) dist[i][j].store(d + j * kVec);
-            for (int64_t l = 0; l < W; ++l) {
-              const int64_t code = cb.order[k + l];
-              if (d[l] < best[i] || (d[l] == best[i] && code < index[i])) best[i] = d[l], index[i] = code;
-            }
-          }
+          micro_kernel<MR, NRV, DC>(zs.data() + j0 * D, D, cb.panel.data() + t * W * (D + 1), dist);
+          update_best(dist, t * W, cb, best, index);
         };
         // Every row of the group is done with the tiles beyond t (on the side gap() measures).
         auto done = [&](auto gap) {
