@@ -1,34 +1,49 @@
-"""Kernel backends: what is available here, which one each op uses, and how to choose.
+"""Kernel backends: the registry of every op's implementations, what runs here, and which one runs.
 
-Every op in :mod:`vqfast.ops` has one contract and several implementations, one module per
-op under a package per backend (``vqfast.reference``, ``vqfast.triton``, ``vqfast.native``),
-each exposing the same functions (``forward`` and, where the op has one, ``backward``).
+The registry is one table, op -> backend -> :class:`Implementation`. Each backend package's
+``__init__`` lists its implementations (``IMPLEMENTATIONS``) by plain imports of its kernels:
 
-Selection comes from ``VQFAST_BACKEND`` (read at import), :func:`set_backend` or
-:func:`use_backend`: a default for all ops (``auto``, ``torch``, ``triton`` or ``native``),
-optionally followed by per-op overrides: ``"auto,group_norm_act=triton,nearest_code=native"``.
-A backend asked for by name that cannot run raises; ``auto`` quietly falls back to ``torch``.
+- ``torch``: :mod:`vqfast.reference`, plain PyTorch, the answer tests trust;
+- ``triton``: :mod:`vqfast.triton` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``);
+- ``native``: :mod:`vqfast.native`, the compiled extension ``vqfast._C`` (csrc/).
+
+A package is imported when a backend is first needed, so ``import vqfast`` never imports triton.
+
+Selection: a default for all ops (``auto``, ``torch``, ``triton`` or ``native``) and per-op overrides,
+from ``VQFAST_BACKEND`` (read at import: ``"auto,group_norm_act=triton,nearest_code=native"``), from
+:func:`set_backend` (the process default) and from :func:`use_backend` blocks. A block lives in a
+:class:`contextvars.ContextVar`: it holds for its own thread and asyncio task only, nested blocks
+compose op by op, and leaving one restores exactly what was there.
+
+A backend asked for by name that cannot run the inputs raises with the reason. ``auto`` tries, per op
+and device type, the order measured in ``benchmarks/results/`` (``vqfast/auto_order.json``, derived from
+them by ``python -m benchmarks.auto_order``), skips each implementation that declares the inputs
+unsupported, and ends at ``torch``, quietly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
-import importlib
+import json
 import os
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
-OPS = ("nearest_code", "group_norm_act", "spatial_norm_act", "vector_quantize", "codebook_gather")
+OPS = ("nearest_code", "group_norm_act", "vector_quantize", "codebook_gather")
 BACKENDS = ("torch", "triton", "native")
-_PACKAGES = {"torch": "vqfast.reference", "triton": "vqfast.triton", "native": "vqfast.native"}
 
-# What `auto` tries, in order, per device type; `torch` when none can run the op. A backend is
-# listed for a device only once benchmarks/ has measured it faster than eager there: native on
-# the CPU (benchmarks/results/); nothing yet on CUDA, where no kernel has run on a GPU.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("torch",), "cpu": ("native",)}
+
+class Implementation(NamedTuple):
+    """One backend's implementation of one op; each function takes the op's lowered arguments."""
+
+    forward: Callable[..., Any]
+    backward: Callable[..., Any] | None  # None for ops without a backward (nearest_code)
+    unsupported: Callable[[Any], str]  # the op's ``Inputs`` -> "" when it can run them, else why not
 
 
 class BackendStatus(NamedTuple):
@@ -36,97 +51,184 @@ class BackendStatus(NamedTuple):
     reason: str  # why it is unavailable; empty when available
 
 
+# --- the registry --------------------------------------------------------------------------------
+
+
+def _torch() -> Mapping[str, Implementation]:
+    from vqfast.reference import IMPLEMENTATIONS
+
+    return IMPLEMENTATIONS
+
+
+def _triton() -> Mapping[str, Implementation]:
+    from vqfast.triton import IMPLEMENTATIONS
+
+    return IMPLEMENTATIONS
+
+
+def _native() -> Mapping[str, Implementation]:
+    from vqfast.native import IMPLEMENTATIONS
+
+    return IMPLEMENTATIONS
+
+
+_LOADERS: dict[str, Callable[[], Mapping[str, Implementation]]] = {
+    "torch": _torch,
+    "triton": _triton,
+    "native": _native,
+}
+
+
+def _triton_precondition() -> str:
+    """Why triton cannot load in this process, decided without importing it: it needs a CUDA GPU, or
+    ``TRITON_INTERPRET=1`` for CPU tensors."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        return ""
+    return "Triton needs a CUDA GPU (CPU tensors run only under TRITON_INTERPRET=1, set before triton is imported)"
+
+
 @functools.cache
-def _status(backend: str) -> BackendStatus:
-    if backend == "torch":
-        return BackendStatus(True, "")
+def _load(backend: str) -> tuple[Mapping[str, Implementation], str]:
+    """The backend's implementations, or an empty table and why it cannot be used here."""
+    if backend == "triton" and (reason := _triton_precondition()):
+        return {}, reason
     try:
-        importlib.import_module(_PACKAGES[backend])
+        return _LOADERS[backend](), ""
     except ImportError as exc:
-        return BackendStatus(False, f"{_PACKAGES[backend]} could not be imported: {exc}")
-    return BackendStatus(True, "")
+        return {}, f"vqfast.{'reference' if backend == 'torch' else backend} could not be imported: {exc}"
+
+
+def registry() -> dict[str, dict[str, Implementation]]:
+    """op -> backend -> implementation, for the backends that load here."""
+    return {op: {b: _load(b)[0][op] for b in BACKENDS if op in _load(b)[0]} for op in OPS}
 
 
 def backends() -> dict[str, BackendStatus]:
     """Each backend's availability on this machine and, for those unavailable, why."""
-    return {name: _status(name) for name in BACKENDS}
+    return {name: BackendStatus(not _load(name)[1], _load(name)[1]) for name in BACKENDS}
 
 
-class _Selection(NamedTuple):
-    default: str
-    per_op: dict[str, str]
+# --- auto's order ----------------------------------------------------------------------------------
+
+AUTO_ORDER_FILE = Path(__file__).with_name("auto_order.json")
 
 
-def _parse(spec: str | None = None, **per_op: str) -> _Selection:
-    default, overrides = "auto", {}
+@functools.cache
+def auto_order() -> dict[str, dict[str, tuple[str, ...]]]:
+    """device type -> op -> the backends ``auto`` tries first, fastest first, as measured in
+    ``benchmarks/results/``; ``torch`` ends every order. Devices or ops absent there get ``torch`` only."""
+    measured = json.loads(AUTO_ORDER_FILE.read_text())
+    return {device: {op: tuple(order) for op, order in ops.items()} for device, ops in measured["order"].items()}
+
+
+# --- selection -------------------------------------------------------------------------------------
+
+
+class Selection(NamedTuple):
+    """A backend name per op; ``default`` (None: inherit the enclosing one) for ops not in ``per_op``."""
+
+    default: str | None
+    per_op: Mapping[str, str]
+
+    def over(self, outer: Selection) -> Selection:
+        """This selection nested inside ``outer``: what it names wins, op by op; the rest is outer's."""
+        if self.default is not None:
+            return Selection(self.default, dict(self.per_op))
+        return Selection(outer.default, {**outer.per_op, **self.per_op})
+
+    def name(self, op: str) -> str:
+        return self.per_op.get(op, self.default or "auto")
+
+
+def parse(spec: str | None = None, **per_op: str) -> Selection:
+    """``"auto,group_norm_act=triton"`` plus keyword overrides -> a :class:`Selection`."""
+    if spec is not None and not isinstance(spec, str):
+        raise TypeError(f"spec must be a str such as 'native' or 'auto,nearest_code=native', got {type(spec).__name__}")
+    default, overrides = None, {}
     for part in filter(None, (p.strip() for p in (spec or "").split(","))):
         if "=" in part:
             op, _, name = part.partition("=")
             overrides[op.strip()] = name.strip()
+        elif default is not None:
+            raise ValueError(f"backend selection {spec!r} names two defaults ({default!r} and {part!r}): name one")
         else:
             default = part
     overrides.update(per_op)
     for op, name in [("default", default), *overrides.items()]:
+        if not isinstance(name, str) and not (op == "default" and name is None):
+            raise TypeError(f"the backend for {op} must be a str, got {type(name).__name__}")
         if op != "default" and op not in OPS:
             raise ValueError(f"unknown op {op!r} in backend selection; ops are {', '.join(OPS)}")
-        if name != "auto" and name not in BACKENDS:
+        if name is not None and name != "auto" and name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r} for {op}; choose auto, {', '.join(BACKENDS)}")
-    return _Selection(default, overrides)
+    return Selection(default, overrides)
 
 
-_selection = _parse(os.environ.get("VQFAST_BACKEND"))
+_process_default = parse(os.environ.get("VQFAST_BACKEND")).over(Selection("auto", {}))
+# The innermost use_backend block of this thread or task, already composed with the blocks around it.
+_block: contextvars.ContextVar[Selection | None] = contextvars.ContextVar("vqfast_backend", default=None)
+
+
+def current() -> Selection:
+    """The selection in force here: the innermost ``use_backend`` block, else the process default."""
+    return _block.get() or _process_default
 
 
 def set_backend(spec: str | None = None, **per_op: str) -> None:
-    """Choose backends: ``set_backend("triton")``, ``set_backend("auto", nearest_code="native")``
-    or ``set_backend("auto,nearest_code=native")``. Ops not named keep the default."""
-    global _selection
-    _selection = _parse(spec, **per_op)
+    """Set the process default: ``set_backend("triton")``, ``set_backend("auto", nearest_code="native")``
+    or ``set_backend("auto,nearest_code=native")``; ops not named take ``auto`` (or the default named).
+    ``use_backend`` blocks open in other threads or tasks keep their own choice."""
+    global _process_default
+    _process_default = parse(spec, **per_op).over(Selection("auto", {}))
 
 
 @contextlib.contextmanager
 def use_backend(spec: str | None = None, **per_op: str) -> Iterator[None]:
-    """Like :func:`set_backend`, for the duration of a ``with`` block."""
-    global _selection
-    previous = _selection
-    set_backend(spec, **per_op)
+    """Like :func:`set_backend`, for a ``with`` block of this thread or asyncio task only. Nested
+    blocks compose: ``use_backend(nearest_code="torch")`` inside ``use_backend("native")`` runs
+    nearest_code on torch and every other op on native."""
+    token = _block.set(parse(spec, **per_op).over(current()))
     try:
         yield
     finally:
-        _selection = previous
+        _block.reset(token)
 
 
 def selected(op: str) -> str:
-    """The backend name chosen for ``op`` (possibly ``auto``)."""
-    return _selection.per_op.get(op, _selection.default)
+    """The backend name chosen for ``op`` here (possibly ``auto``)."""
+    return current().name(op)
 
 
-def _supports(backend: str, op: str, device: torch.device) -> str:
-    """Empty when ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
-    status = _status(backend)
-    if not status.available:
-        return status.reason
-    if backend == "torch":
-        return ""
-    module = importlib.import_module(_PACKAGES[backend])
-    return module.supports(op, device)
+def _reason(backend: str, op: str, inputs: Any) -> str:
+    """Empty when ``backend`` can run ``op`` on ``inputs``, else why not."""
+    table, reason = _load(backend)
+    if reason:
+        return reason
+    if op not in table:
+        return f"it has no {op} implementation"
+    return table[op].unsupported(inputs)
 
 
-def resolve(op: str, device: torch.device) -> str:
-    """The concrete backend that runs ``op`` for tensors on ``device``."""
+def choose(op: str, inputs: Any, device: torch.device) -> str:
+    """The concrete backend that runs ``op`` on ``inputs`` (whose tensors are on ``device``)."""
     name = selected(op)
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ()):
-            if not _supports(candidate, op, device):
+        for candidate in auto_order().get(device.type, {}).get(op, ()):
+            if not _reason(candidate, op, inputs):
                 return candidate
         return "torch"
-    reason = _supports(name, op, device)
+    reason = _reason(name, op, inputs)
     if reason:
-        raise RuntimeError(f"vqfast backend {name!r} cannot run {op} on {device.type}: {reason}")
+        raise RuntimeError(f"vqfast backend {name!r} cannot run {op} on these {device.type} inputs: {reason}")
     return name
 
 
-def kernel(op: str, function: str, device: torch.device) -> Callable:
-    """The ``function`` (``forward`` or ``backward``) of ``op`` in the backend chosen for ``device``."""
-    module = importlib.import_module(f"{_PACKAGES[resolve(op, device)]}.{op}")
-    return getattr(module, function)
+def forward(op: str, inputs: tuple) -> Any:
+    """Run ``op``'s forward on its lowered ``inputs`` with the backend chosen for them."""
+    return _load(choose(op, inputs, inputs[0].device))[0][op].forward(*inputs)
+
+
+def backward(op: str, backend: str, *args: Any) -> Any:
+    """Run ``op``'s backward on ``backend``, the one its forward chose (recorded by the autograd context,
+    so that a backward run by the autograd engine's own threads keeps the forward's choice)."""
+    return _load(backend)[0][op].backward(*args)

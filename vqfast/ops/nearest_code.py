@@ -1,14 +1,24 @@
 """``nearest_code``: index of the nearest codebook row for every vector, without the N x K matrix."""
 
+from typing import NamedTuple
+
 import torch
 
 from vqfast import backend
 from vqfast.ops import _checks
 
 
+class Inputs(NamedTuple):
+    """The lowered arguments every backend's ``nearest_code`` receives (and its ``unsupported`` sees)."""
+
+    z: torch.Tensor  # any strides; float32, float16, bfloat16 or float64
+    codebook: torch.Tensor  # (K, D), z's dtype and device
+    dim: int  # the dimension of z holding the D elements of each vector, in [0, z.dim())
+
+
 @torch.library.custom_op("vqfast::nearest_code", mutates_args=())
 def _nearest_code(z: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Tensor:
-    return backend.kernel("nearest_code", "forward", z.device)(z, codebook, dim)
+    return backend.forward("nearest_code", Inputs(z, codebook, dim))
 
 
 @_nearest_code.register_fake
@@ -20,8 +30,9 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, dim: int = 1) -> torch
     """Index (int64) of the nearest row of ``codebook`` (K, D) in squared L2 for every vector of ``z``
     along ``dim`` (1 for NCHW latents, -1 for (N, D) rows). The result has z's shape without ``dim``.
 
-    Distances accumulate in float32 whatever the input dtype; ties go to the lowest index; a vector
-    whose distances are NaN gets the first NaN's index, as ``torch.argmin``. Memory is O(N + K).
+    This is the contract every backend follows: distances ``|c|^2 - 2 z.c`` (|z|^2 does not move the
+    argmin) accumulate in float32 at least whatever the input dtype; ties go to the lowest index; a
+    vector whose distances are NaN gets the first NaN's index, as ``torch.argmin``. Memory is O(N + K).
     """
     _checks.tensor("z", z)
     _checks.rank("z", z, at_least=1)

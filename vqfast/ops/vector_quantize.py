@@ -1,21 +1,37 @@
 """``vector_quantize``: diffusers' straight-through VectorQuantizer (search, gather, loss) as one op."""
 
+from typing import NamedTuple
+
 import torch
 
-from vqfast import backend
+from vqfast import backend, layout
 from vqfast.ops import _checks
-from vqfast.ops.group_norm_act import memory_format
+
+
+class Inputs(NamedTuple):
+    """The lowered arguments every backend's ``vector_quantize`` receives (and its ``unsupported`` sees)."""
+
+    z: torch.Tensor  # any strides
+    codebook: torch.Tensor  # (K, D), z's dtype and device
+    w_z: float  # weight of the loss term whose gradient goes to z
+    w_q: float  # weight of the loss term whose gradient goes to the codebook
+    dim: int  # in [0, z.dim())
+
+
+def loss_weights(beta: float, legacy: bool) -> tuple[float, float]:
+    """``(w_z, w_q)``: diffusers' legacy loss puts beta on the codebook term, the other form on z's."""
+    return (1.0, beta) if legacy else (beta, 1.0)
 
 
 @torch.library.custom_op("vqfast::vector_quantize", mutates_args=())
 def _vector_quantize(
-    z: torch.Tensor, codebook: torch.Tensor, beta: float, legacy: bool, dim: int
+    z: torch.Tensor, codebook: torch.Tensor, w_z: float, w_q: float, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backend.kernel("vector_quantize", "forward", z.device)(z, codebook, beta, legacy, dim)
+    return backend.forward("vector_quantize", Inputs(z, codebook, w_z, w_q, dim))
 
 
 @_vector_quantize.register_fake
-def _(z, codebook, beta, legacy, dim):
+def _(z, codebook, w_z, w_q, dim):
     n = z.numel() // z.shape[dim]
     return torch.empty_like(z), z.new_empty(()), z.new_empty((n,), dtype=torch.long)
 
@@ -27,29 +43,32 @@ def _vector_quantize_backward(
     z: torch.Tensor,
     codebook: torch.Tensor,
     indices: torch.Tensor,
-    beta: float,
-    legacy: bool,
+    w_z: float,
+    w_q: float,
     dim: int,
+    backend_name: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = backend.kernel("vector_quantize", "backward", z.device)
-    return fn(grad_z_q, grad_loss, z, codebook, indices, beta, legacy, dim)
+    args = (grad_z_q, grad_loss, z, codebook, indices, w_z, w_q, dim)
+    return backend.backward("vector_quantize", backend_name, *args)
 
 
 @_vector_quantize_backward.register_fake
-def _(grad_z_q, grad_loss, z, codebook, indices, beta, legacy, dim):
+def _(grad_z_q, grad_loss, z, codebook, indices, w_z, w_q, dim, backend_name):
     return torch.empty_like(z), torch.empty_like(codebook)
 
 
 def _setup_context(ctx, inputs, output):
-    z, codebook, beta, legacy, dim = inputs
-    ctx.save_for_backward(z, codebook, output[2])
-    ctx.beta, ctx.legacy, ctx.dim = beta, legacy, dim
+    lowered = Inputs(*inputs)
+    ctx.save_for_backward(lowered.z, lowered.codebook, output[2])
+    ctx.w_z, ctx.w_q, ctx.dim = lowered.w_z, lowered.w_q, lowered.dim
+    ctx.backend = backend.choose("vector_quantize", lowered, lowered.z.device)
 
 
 def _backward(ctx, grad_z_q, grad_loss, _grad_indices):
     z, codebook, indices = ctx.saved_tensors
+    grad_z_q = grad_z_q.contiguous(memory_format=layout.memory_format(z))
     grad_z, grad_codebook = _vector_quantize_backward(
-        grad_z_q.contiguous(memory_format=memory_format(z)), grad_loss, z, codebook, indices, ctx.beta, ctx.legacy, ctx.dim
+        grad_z_q, grad_loss, z, codebook, indices, ctx.w_z, ctx.w_q, ctx.dim, ctx.backend
     )
     return grad_z, grad_codebook, None, None, None
 
@@ -60,17 +79,20 @@ _vector_quantize.register_autograd(_backward, setup_context=_setup_context)
 def vector_quantize(
     z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25, legacy: bool = True, dim: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize every vector of ``z`` along ``dim`` to its nearest ``codebook`` row, as diffusers'
-    ``VectorQuantizer.forward``: returns ``(z_q, loss, indices)``.
+    """Quantize every vector of ``z`` along ``dim`` to its nearest ``codebook`` row
+    (:func:`~vqfast.ops.nearest_code`), as diffusers' ``VectorQuantizer.forward``: returns
+    ``(z_q, loss, indices)``.
 
-    ``z_q = z + (q - z)`` in z's dtype and layout (the straight-through value: its gradient flows to
-    z unchanged); ``loss = mse(q, z) + beta * mse(q, z)`` with the gradient of the first term going to
-    z and of the second to the codebook (``legacy=False`` swaps where beta stands); ``indices`` are
-    flat int64 in z's order with ``dim`` removed. The backward scatters into the codebook gradient,
-    deterministically when ``torch.are_deterministic_algorithms_enabled()``.
+    ``z_q = z + (q - z)`` computed in z's dtype and layout (the straight-through value, bit for bit
+    diffusers'); ``loss = w_z * mse(q, z) + w_q * mse(q, z)`` with mse in float32 (float64 for float64
+    z), the first term's gradient going to z and the second's to the codebook, and
+    ``(w_z, w_q) = loss_weights(beta, legacy)``; ``indices`` are flat int64 in z's order with ``dim``
+    removed. The backward scatters into the codebook gradient, deterministically when
+    ``torch.are_deterministic_algorithms_enabled()``.
     """
     _checks.tensor("z", z)
     _checks.rank("z", z, at_least=2)
     dim = _checks.dim_index("dim", dim, z.dim())
     _checks.codebook(codebook, z, "z", dim)
-    return _vector_quantize(z, codebook, float(beta), bool(legacy), dim)
+    w_z, w_q = loss_weights(_checks.real("beta", beta), bool(legacy))
+    return _vector_quantize(z, codebook, w_z, w_q, dim)

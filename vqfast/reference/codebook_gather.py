@@ -1,10 +1,13 @@
-"""Reference codebook gather: ``codebook[indices]`` with the code dimension placed at ``dim``."""
+"""Reference ``codebook_gather``: ``codebook[indices]`` with the code dimension placed at ``dim``."""
 
 import torch
 
 
 def forward(indices: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Tensor:
-    return codebook[indices].movedim(-1, dim).contiguous()
+    # index_select always copies (a 0-d index into codebook[...] would give a view of the codebook) and
+    # raises on indices out of range itself, on the device, without a host sync.
+    rows = codebook.index_select(0, indices.reshape(-1)).view(*indices.shape, codebook.shape[1])
+    return rows.movedim(-1, dim).contiguous()
 
 
 def backward(grad: torch.Tensor, indices: torch.Tensor, num_codes: int, dim: int) -> torch.Tensor:

@@ -1,16 +1,14 @@
-"""Reference nearest-codebook search: float32 distances, chunked over rows, first-index ties."""
+"""Reference ``nearest_code`` (the rule is :func:`vqfast.ops.nearest_code`'s), chunked over rows."""
 
 import torch
 
-# Rows per chunk are chosen so that one chunk's distance block holds at most this many floats
-# (64 MiB), which keeps memory O(N + K) whatever N is.
+# Rows per chunk are chosen so that one chunk's distance block holds at most this many elements
+# (64 MiB of float32), which keeps memory O(N + K) whatever N is.
 CHUNK_ELEMENTS = 1 << 24
 
 
 def squared_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``||c_k||^2 - 2 <z_n, c_k>`` for rows ``z`` (n, D): the squared distance less ``||z_n||^2``,
-    which does not change the argmin. This is the rule every backend follows, non-finite input
-    included: a row whose distances are NaN maps to the first NaN, as ``torch.argmin``."""
+    """``|c_k|^2 - 2 <z_n, c_k>`` for rows ``z`` (n, D), in float32 (float64 for float64 input)."""
     acc = torch.promote_types(z.dtype, torch.float32)
     codebook = codebook.to(acc)
     return torch.addmm(codebook.square().sum(1), z.to(acc), codebook.t(), alpha=-2)
