@@ -5,7 +5,7 @@ from typing import NamedTuple
 import torch
 
 from vqfast import backend
-from vqfast.ops import _checks
+from vqfast.ops import _checks, _library
 
 
 class Inputs(NamedTuple):
@@ -16,28 +16,32 @@ class Inputs(NamedTuple):
     dim: int  # where the result holds the code dimension, in [0, indices.dim()]
 
 
-@torch.library.custom_op("vqfast::codebook_gather", mutates_args=())
-def _codebook_gather(indices: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Tensor:
+def _kernel(indices: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Tensor:
     return backend.forward("codebook_gather", Inputs(indices, codebook, dim))
 
 
-@_codebook_gather.register_fake
-def _(indices, codebook, dim):
+def _fake(indices, codebook, dim):
     shape = list(indices.shape)
     shape.insert(dim, codebook.shape[1])
     return codebook.new_empty(shape)
 
 
-@torch.library.custom_op("vqfast::codebook_gather_backward", mutates_args=())
-def _codebook_gather_backward(
-    grad: torch.Tensor, indices: torch.Tensor, num_codes: int, dim: int, backend_name: str
-) -> torch.Tensor:
+def _backward_kernel(grad: torch.Tensor, indices: torch.Tensor, num_codes: int, dim: int, backend_name: str):
     return backend.backward("codebook_gather", backend_name, grad, indices, num_codes, dim)
 
 
-@_codebook_gather_backward.register_fake
-def _(grad, indices, num_codes, dim, backend_name):
+def _backward_fake(grad, indices, num_codes, dim, backend_name):
     return grad.new_empty(num_codes, grad.shape[dim])
+
+
+_codebook_gather = _library.define(
+    "codebook_gather(Tensor indices, Tensor codebook, int dim) -> Tensor", _kernel, _fake
+)
+_codebook_gather_backward = _library.define(
+    "codebook_gather_backward(Tensor grad, Tensor indices, SymInt num_codes, int dim, str backend_name) -> Tensor",
+    _backward_kernel,
+    _backward_fake,
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -52,7 +56,7 @@ def _backward(ctx, grad):
     return None, grad_codebook, None
 
 
-_codebook_gather.register_autograd(_backward, setup_context=_setup_context)
+_library.differentiable(_codebook_gather, _backward, _setup_context)
 
 
 def codebook_gather(indices: torch.Tensor, codebook: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -5,12 +5,12 @@ Both lower to one custom op, ``vqfast::group_norm_act``, whose optional ``scale`
 ``source`` carry the spatial variant: every backend implements one kernel family.
 """
 
-from typing import NamedTuple, Optional  # custom_op schema inference warns on "torch.Tensor | None"
+from typing import NamedTuple, Optional
 
 import torch
 
 from vqfast import backend, layout
-from vqfast.ops import _checks
+from vqfast.ops import _checks, _library
 
 
 class Inputs(NamedTuple):
@@ -27,54 +27,43 @@ class Inputs(NamedTuple):
     silu: bool  # the activation: SiLU, or none
 
 
-@torch.library.custom_op("vqfast::group_norm_act", mutates_args=())
-def _group_norm_act(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    shift: Optional[torch.Tensor],
-    source: Optional[torch.Tensor],
-    eps: float,
-    silu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, mean, rstd)``: y like x; mean and rstd (N, num_groups) in the statistics dtype."""
+def _kernel(x, num_groups: int, weight, bias, scale, shift, source, eps: float, silu: bool):
     return backend.forward("group_norm_act", Inputs(x, num_groups, weight, bias, scale, shift, source, eps, silu))
 
 
-@_group_norm_act.register_fake
-def _(x, num_groups, weight, bias, scale, shift, source, eps, silu):
+def _fake(x, num_groups, weight, bias, scale, shift, source, eps, silu):
     stats = x.new_empty((x.shape[0], num_groups), dtype=_checks.statistics_dtype(x))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("vqfast::group_norm_act_backward", mutates_args=())
-def _group_norm_act_backward(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    shift: Optional[torch.Tensor],
-    source: Optional[torch.Tensor],
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    silu: bool,
-    backend_name: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_weight, grad_bias, grad_scale, grad_shift)``: grad_weight and grad_bias are (C,)
-    sums in the statistics dtype, computed whether or not the op had a weight and bias; grad_scale and
-    grad_shift have scale's shape, or (0,) without one."""
+def _backward_kernel(grad, x, weight, bias, scale, shift, source, mean, rstd, silu: bool, backend_name: str):
     args = (grad, x, weight, bias, scale, shift, source, mean, rstd, silu)
     return backend.backward("group_norm_act", backend_name, *args)
 
 
-@_group_norm_act_backward.register_fake
-def _(grad, x, weight, bias, scale, shift, source, mean, rstd, silu, backend_name):
+def _backward_fake(grad, x, weight, bias, scale, shift, source, mean, rstd, silu, backend_name):
     channel_sum = x.new_empty(x.shape[1], dtype=mean.dtype)
     spatial = (scale, shift) if scale is not None else (mean.new_empty(0), mean.new_empty(0))
     return torch.empty_like(x), channel_sum, torch.empty_like(channel_sum), *map(torch.empty_like, spatial)
+
+
+# (y, mean, rstd): y like x; mean and rstd (N, num_groups) in the statistics dtype.
+_group_norm_act = _library.define(
+    "group_norm_act(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift,"
+    " Tensor? source, float eps, bool silu) -> (Tensor, Tensor, Tensor)",
+    _kernel,
+    _fake,
+)
+# (grad_x, grad_weight, grad_bias, grad_scale, grad_shift): grad_weight and grad_bias are (C,) sums in the
+# statistics dtype, computed whether or not the op had a weight and bias; grad_scale and grad_shift have
+# scale's shape, or (0,) without one.
+_group_norm_act_backward = _library.define(
+    "group_norm_act_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift,"
+    " Tensor? source, Tensor mean, Tensor rstd, bool silu, str backend_name)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _backward_kernel,
+    _backward_fake,
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -100,7 +89,7 @@ def _backward(ctx, grad, _grad_mean, _grad_rstd):
     return grad_x, None, _cast_like(grad_weight, weight), _cast_like(grad_bias, bias), grad_scale, grad_shift, None, None, None
 
 
-_group_norm_act.register_autograd(_backward, setup_context=_setup_context)
+_library.differentiable(_group_norm_act, _backward, _setup_context)
 
 
 def group_norm_act(

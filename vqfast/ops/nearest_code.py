@@ -5,7 +5,7 @@ from typing import NamedTuple
 import torch
 
 from vqfast import backend
-from vqfast.ops import _checks
+from vqfast.ops import _checks, _library
 
 
 class Inputs(NamedTuple):
@@ -16,14 +16,15 @@ class Inputs(NamedTuple):
     dim: int  # the dimension of z holding the D elements of each vector, in [0, z.dim())
 
 
-@torch.library.custom_op("vqfast::nearest_code", mutates_args=())
-def _nearest_code(z: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Tensor:
+def _kernel(z: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Tensor:
     return backend.forward("nearest_code", Inputs(z, codebook, dim))
 
 
-@_nearest_code.register_fake
-def _(z, codebook, dim):
+def _fake(z, codebook, dim):
     return z.new_empty(z.movedim(dim, -1).shape[:-1], dtype=torch.long)
+
+
+_nearest_code = _library.define("nearest_code(Tensor z, Tensor codebook, int dim) -> Tensor", _kernel, _fake)
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -5,7 +5,7 @@ from typing import NamedTuple
 import torch
 
 from vqfast import backend, layout
-from vqfast.ops import _checks
+from vqfast.ops import _checks, _library
 
 
 class Inputs(NamedTuple):
@@ -23,38 +23,35 @@ def loss_weights(beta: float, legacy: bool) -> tuple[float, float]:
     return (1.0, beta) if legacy else (beta, 1.0)
 
 
-@torch.library.custom_op("vqfast::vector_quantize", mutates_args=())
-def _vector_quantize(
-    z: torch.Tensor, codebook: torch.Tensor, w_z: float, w_q: float, dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kernel(z: torch.Tensor, codebook: torch.Tensor, w_z: float, w_q: float, dim: int):
     return backend.forward("vector_quantize", Inputs(z, codebook, w_z, w_q, dim))
 
 
-@_vector_quantize.register_fake
-def _(z, codebook, w_z, w_q, dim):
+def _fake(z, codebook, w_z, w_q, dim):
     n = z.numel() // z.shape[dim]
     return torch.empty_like(z), z.new_empty(()), z.new_empty((n,), dtype=torch.long)
 
 
-@torch.library.custom_op("vqfast::vector_quantize_backward", mutates_args=())
-def _vector_quantize_backward(
-    grad_z_q: torch.Tensor,
-    grad_loss: torch.Tensor,
-    z: torch.Tensor,
-    codebook: torch.Tensor,
-    indices: torch.Tensor,
-    w_z: float,
-    w_q: float,
-    dim: int,
-    backend_name: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_kernel(grad_z_q, grad_loss, z, codebook, indices, w_z: float, w_q: float, dim: int, backend_name: str):
     args = (grad_z_q, grad_loss, z, codebook, indices, w_z, w_q, dim)
     return backend.backward("vector_quantize", backend_name, *args)
 
 
-@_vector_quantize_backward.register_fake
-def _(grad_z_q, grad_loss, z, codebook, indices, w_z, w_q, dim, backend_name):
+def _backward_fake(grad_z_q, grad_loss, z, codebook, indices, w_z, w_q, dim, backend_name):
     return torch.empty_like(z), torch.empty_like(codebook)
+
+
+_vector_quantize = _library.define(
+    "vector_quantize(Tensor z, Tensor codebook, float w_z, float w_q, int dim) -> (Tensor, Tensor, Tensor)",
+    _kernel,
+    _fake,
+)
+_vector_quantize_backward = _library.define(
+    "vector_quantize_backward(Tensor grad_z_q, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices,"
+    " float w_z, float w_q, int dim, str backend_name) -> (Tensor, Tensor)",
+    _backward_kernel,
+    _backward_fake,
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -73,7 +70,7 @@ def _backward(ctx, grad_z_q, grad_loss, _grad_indices):
     return grad_z, grad_codebook, None, None, None
 
 
-_vector_quantize.register_autograd(_backward, setup_context=_setup_context)
+_library.differentiable(_vector_quantize, _backward, _setup_context)
 
 
 def vector_quantize(
