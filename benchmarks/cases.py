@@ -4,7 +4,8 @@ Implementations, each called on the same inputs:
 - ``vqfast[<backend>]``: the vqfast op under every backend that can run it on the device;
 - ``eager``: PyTorch written the way diffusers writes it (below, per op);
 - ``compile``: ``torch.compile`` of that eager code (compile time reported apart);
-- ``faiss``: faiss-cpu's exact ``IndexFlatL2`` search (k=1), for ``nearest_code`` in float32 on the CPU.
+- ``faiss``: faiss-cpu's exact ``IndexFlatL2`` search (k=1), for ``nearest_code`` in float32 on the CPU,
+  on its best BLAS kernels (:mod:`benchmarks.peers`).
 
 What is compared, per op:
 - ``nearest_code``: NCHW latents (1, D, h, w) with h*w = N and a (K, D) codebook. Eager is diffusers'
@@ -15,12 +16,16 @@ What is compared, per op:
   4-channel latent zq to f's size, two 1x1 convs, GroupNorm, ``norm * conv_y + conv_b``) then SiLU,
   against vqfast's ``spatial_norm_act`` fed with the two convs taken at the latent's resolution,
   which gives the same result. Both sides include the convs; zq is MoVQ's latent at 256x256: 32x32.
+  vqfast lowers it to ``group_norm_act`` (scale and shift given): its backend is that op's.
 - ``vector_quantize``: diffusers' ``VectorQuantizer`` module forward (beta 0.25, legacy) against
   ``vqfast.ops.vector_quantize``; ``vector_quantize+bwd`` times forward and backward: the gradients
   of ``(z_q, loss)`` into the latents and the codebook.
+- ``codebook_gather``: diffusers' ``VectorQuantizer.get_codebook_entry(indices, shape)`` (embedding, then
+  permute to NCHW; what a decoder fed with indices, as aMUSEd's, runs) against ``codebook_gather(indices,
+  codebook, dim=1)`` on (1, h, w) indices.
 
-Rates: each input read once and each output written once for GB/s (the norms); 2*N*K*D for the
-GFLOP/s of the codebook ops (the search; forward+backward is rated on the same count).
+Rates: each input read once and each output written once for GB/s (the norms, codebook_gather); 2*N*K*D
+for the GFLOP/s of the searching ops (the search; forward+backward is rated on the same count).
 """
 
 from __future__ import annotations
@@ -34,9 +39,18 @@ import torch
 import torch.nn.functional as F
 
 import vqfast
+from benchmarks import peers
+from benchmarks.auto_order import registry_op
 from vqfast import backend, ops
 
-OPS = ("nearest_code", "group_norm_act", "spatial_norm_act", "vector_quantize", "vector_quantize+bwd")
+OPS = (
+    "nearest_code",
+    "group_norm_act",
+    "spatial_norm_act",
+    "vector_quantize",
+    "vector_quantize+bwd",
+    "codebook_gather",
+)
 BASELINES = ("eager", "compile", "faiss")
 LAYOUTS = ("nchw", "channels_last")
 GROUPS, EPS, BETA = 32, 1e-6, 0.25
@@ -49,7 +63,7 @@ SPATIAL_NORM_SHAPES = ((1, 128, 256, 256), (1, 512, 64, 64))
 # (N, K, D): N latent vectors, a codebook of K codes of size D.
 NEAREST_CODE_SHAPES = ((4096, 8192, 3), (65536, 16384, 4), (8192, 16384, 256), (4096, 4096, 128))
 # (N, K, D) of the quantizers at 256x256, batch 1: LDM celebahq and aMUSEd (Kandinsky's pipelines
-# decode MoVQ latents with force_not_quantize=True: no quantizer).
+# decode MoVQ latents with force_not_quantize=True: no quantizer); codebook_gather's too.
 VECTOR_QUANTIZE_SHAPES = ((4096, 8192, 3), (256, 8192, 64))
 QUICK_SHAPES = {"norm": ((2, 64, 16, 16),), "codebook": ((256, 512, 8),)}
 
@@ -63,7 +77,8 @@ class Case:
 
     @property
     def vqfast_op(self) -> str:
-        return self.op.removesuffix("+bwd")
+        """The registry op whose backend runs the case."""
+        return registry_op(self.op)
 
     @property
     def label(self) -> str:
@@ -107,26 +122,23 @@ def make_cases(
     return cases
 
 
-def backend_reason(op: str, name: str, device: torch.device) -> str:
-    """Empty when vqfast's backend ``name`` can run ``op`` on ``device``, else why not."""
+def backend_reason(op: str, name: str) -> str:
+    """Empty when vqfast's backend ``name`` loads here and implements the registry op ``op``, else why
+    not. Whether it runs a case's inputs (device, dtype, sizes) shows when the case runs: a backend
+    named explicitly that declines them raises with the reason, reported as the case's failure."""
     status = vqfast.backends()[name]
     if not status.available:
         return status.reason
-    with vqfast.use_backend(**{op: name}):
-        try:
-            backend.resolve(op, device)
-        except RuntimeError as exc:
-            return str(exc)
-    return ""
+    return "" if name in backend.registry()[op] else f"it has no {op} implementation"
 
 
 def faiss_reason(case: Case, device: torch.device) -> str:
     if device.type != "cpu" or case.dtype != "float32":
         return "faiss-cpu searches float32 CPU arrays only"
     try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return "faiss-cpu is not installed (pip install -e '.[bench]')"
+        peers.import_faiss()
+    except ImportError as exc:
+        return str(exc)
     return ""
 
 
@@ -138,7 +150,7 @@ def plan(case: Case, device: torch.device, selected: list[str]) -> tuple[list[st
         if name == "faiss" and case.op != "nearest_code":
             continue  # a baseline for nearest_code only
         if name in backend.BACKENDS:
-            reason, impl = backend_reason(case.vqfast_op, name, device), f"vqfast[{name}]"
+            reason, impl = backend_reason(case.vqfast_op, name), f"vqfast[{name}]"
         else:
             reason, impl = (faiss_reason(case, device) if name == "faiss" else ""), name
         if reason:
@@ -148,10 +160,15 @@ def plan(case: Case, device: torch.device, selected: list[str]) -> tuple[list[st
     return impls, skipped
 
 
-def latent(n: int, d: int, **kw: Any) -> torch.Tensor:
-    """Random NCHW latents (1, d, h, w) with h * w = n and h the largest divisor of n up to sqrt(n)."""
+def latent_size(n: int) -> tuple[int, int]:
+    """(h, w) with h * w = n and h the largest divisor of n up to sqrt(n)."""
     h = max(i for i in range(1, math.isqrt(n) + 1) if n % i == 0)
-    return torch.randn(1, d, h, n // h, **kw)
+    return h, n // h
+
+
+def latent(n: int, d: int, **kw: Any) -> torch.Tensor:
+    """Random NCHW latents (1, d, h, w) of :func:`latent_size`."""
+    return torch.randn(1, d, *latent_size(n), **kw)
 
 
 @dataclass
@@ -231,8 +248,7 @@ def _nearest_code(case: Case, kw: dict[str, Any]) -> Bench:
 
 def _faiss_search(codebook: torch.Tensor) -> Callable[..., Any]:
     """faiss's exact L2 search (k=1) on the permuted rows of NCHW latents; the index holds the codebook."""
-    import faiss
-
+    faiss, _ = peers.import_faiss()
     faiss.omp_set_num_threads(torch.get_num_threads())
     index = faiss.IndexFlatL2(codebook.shape[1])
     index.add(codebook.numpy())
@@ -297,6 +313,23 @@ def _vector_quantize(case: Case, kw: dict[str, Any]) -> Bench:
     return Bench((z, codebook), eager, fused, nbytes, 2 * n * k * d, grad_outputs=grads)
 
 
+def _codebook_gather(case: Case, kw: dict[str, Any]) -> Bench:
+    from diffusers.models.autoencoders.vae import VectorQuantizer
+
+    n, k, d = case.shape
+    indices = torch.randint(k, (1, *latent_size(n)), device=kw["device"])
+    quantizer = VectorQuantizer(k, d, beta=BETA).to(**kw)
+    codebook = quantizer.embedding.weight
+
+    def eager(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        return quantizer.get_codebook_entry(indices.flatten(), (*indices.shape, d))  # the module's own codebook
+
+    def fused(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        return ops.codebook_gather(indices, codebook, dim=1)
+
+    return Bench((indices, codebook), eager, fused, indices.nbytes + codebook.nbytes + n * d * codebook.element_size())
+
+
 def _memory_format(case: Case) -> torch.memory_format:
     return torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
 
@@ -307,6 +340,7 @@ BUILDERS: dict[str, Callable[[Case, dict[str, Any]], Bench]] = {
     "spatial_norm_act": _spatial_norm_act,
     "vector_quantize": _vector_quantize,
     "vector_quantize+bwd": _vector_quantize,
+    "codebook_gather": _codebook_gather,
 }
 
 

@@ -54,9 +54,7 @@ def decode(model: torch.nn.Module, images: torch.Tensor, latents: torch.Tensor) 
 TASK_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"forward": forward, "encode": encode, "decode": decode}
 
 
-def model_plan(
-    baselines: list[str], backends: list[str], device: torch.device, compile_: bool
-) -> tuple[list[str], dict[str, str]]:
+def model_plan(baselines: list[str], backends: list[str], compile_: bool) -> tuple[list[str], dict[str, str]]:
     """The model implementations to run: diffusers' among ``baselines`` (``eager``, ``compile``) and
     vqfast's with each of ``backends`` (``auto`` or a vqfast backend), compiled too when ``compile_``;
     and for each one left out, why. A named backend runs when it has a kernel for an op here."""
@@ -67,16 +65,16 @@ def model_plan(
     except ImportError as exc:
         return impls, {f"vqfast[{name}]": f"vqfast.VQModel cannot be imported: {exc}" for name in backends}
     for name in backends:
-        if name != "auto" and not backend_ops(name, device):
-            skipped[f"vqfast[{name}]"] = vqfast.backends()[name].reason or f"no kernel for any op on {device.type}"
+        if name != "auto" and not backend_ops(name):
+            skipped[f"vqfast[{name}]"] = vqfast.backends()[name].reason or "no kernel for any op"
             continue
         impls += [f"vqfast[{name}]"] + [f"vqfast[{name}]+compile"] * compiled
     return impls, skipped
 
 
-def backend_ops(name: str, device: torch.device) -> dict[str, str]:
-    """``{op: name}`` for every op the vqfast backend ``name`` can run on ``device``."""
-    return {op: name for op in backend.OPS if not backend_reason(op, name, device)}
+def backend_ops(name: str) -> dict[str, str]:
+    """``{op: name}`` for every op the vqfast backend ``name`` implements (and loads here)."""
+    return {op: name for op in backend.OPS if not backend_reason(op, name)}
 
 
 @dataclass(frozen=True)
@@ -113,7 +111,7 @@ class ModelBench:
         if impl.startswith("vqfast"):
             name = backend_name(impl)
             model = self.vqfast_model
-            spec = {} if name == "auto" else backend_ops(name, self.images.device)
+            spec = {} if name == "auto" else backend_ops(name)
 
         @torch.no_grad()
         def call() -> torch.Tensor:

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.peers import CORETYPE
+
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]
 
@@ -101,6 +103,27 @@ def peaks_line(peak: dict[str, Any]) -> str:
     return f"measured peaks: copy {num(peak['copy_gbps'])} GB/s; float32 matmul {num(peak['matmul_gflops'])} GFLOP/s"
 
 
+def peers_line(peers: dict[str, Any]) -> str:
+    """Each peer's BLAS, version, core and threads, and the environment steering them."""
+    torch_ = peers["torch"]
+    blas = " ".join(filter(None, (torch_["blas"], torch_["blas_version"])))
+    parts = [f"torch: {blas} (ATen {torch_['cpu_capability']}), {torch_['num_threads']} threads"]
+    if "faiss" in peers:
+        faiss, core = peers["faiss"], peers["faiss"]["core"]
+        blas = next((lib for lib in faiss["libraries"] or () if lib["user_api"] == "blas"), {})
+        how = {
+            "runner": f"named {core['named']}: it picked {core['picked']} by itself",
+            "environment": f"{CORETYPE}={core['named']} from the environment",
+            "": "its own pick",
+        }[core["by"]]
+        parts.append(
+            f"faiss: {blas.get('internal_api', '?')} {blas.get('version', '')} on {faiss['runs_on']} ({how}), "
+            f"{blas.get('num_threads', '?')} threads"
+        )
+    env = ", ".join(f"{k}={v}" for k, v in peers["environment"].items())
+    return "; ".join(parts) + f"; environment: {env or 'none set'}"
+
+
 def render(results: dict[str, Any], table: Callable[[list[Row], list[Column]], str], heading: str = "") -> str:
     """The whole report as text (``table=text_table``) or markdown (``table=markdown_table``, with
     ``heading`` "## " before section titles)."""
@@ -109,7 +132,8 @@ def render(results: dict[str, Any], table: Callable[[list[Row], list[Column]], s
         stamp_line(meta),
         peaks_line(results["peak"]),
         "backends: " + ", ".join(f"{k}: {v}" for k, v in meta["backends"].items()),
-        "auto picks: " + ", ".join(f"{op}={name}" for op, name in meta["auto"].items()),
+        "auto tries: " + "; ".join(f"{op}: {' > '.join(order)}" for op, order in meta["auto"].items()),
+        "peers' BLAS: " + peers_line(meta["peers"]),
     ]
     if results["ops"]:
         parts += [f"{heading}Ops", table(results["ops"], OP_COLUMNS)]

@@ -2,7 +2,8 @@
 torch.compile of the same, and faiss, per op and for the whole model. Prints a table and writes
 JSON, markdown and a PNG chart under benchmarks/results/, named by device and date.
 
-Every available vqfast backend is picked up by itself (``vqfast.backends()``). The default run
+Every available vqfast backend is picked up by itself (``vqfast.backends()``); the results record
+the BLAS each peer loaded and its core (:mod:`benchmarks.peers`). The default run
 covers every op, shape and dtype of the comparison on the default device (CUDA when present) and
 fits in 5 minutes on a 2-core CPU; ``--quick`` runs tiny shapes once, to check that it all works.
 """
@@ -24,13 +25,13 @@ from typing import Any
 
 import diffusers
 import torch
-from tqdm import tqdm
 
 import vqfast
-from benchmarks import report
+from benchmarks import peers, report
 from benchmarks.cases import BASELINES, LAYOUTS, OPS, Case, build, implementation, make_cases, plan
 from benchmarks.models import MODELS, TASKS, ModelCase, build_model, check, model_plan
 from benchmarks.peak import measure_peaks
+from benchmarks.progress import Progress, progress
 from benchmarks.report import Row
 from benchmarks.timing import Timing, measure, timed_call
 from vqfast.backend import BACKENDS
@@ -212,7 +213,7 @@ def run_ops(
     device: torch.device,
     peaks: dict[str, Any],
     args: argparse.Namespace,
-    progress: tqdm,
+    progress: Progress,
     skip: Callable[[str, str, str], None],
 ) -> list[Row]:
     rows: list[Row] = []
@@ -260,7 +261,7 @@ def run_models(
     impls: list[str],
     device: torch.device,
     args: argparse.Namespace,
-    progress: tqdm,
+    progress: Progress,
     skip: Callable[[str, str, str], None],
 ) -> list[Row]:
     """Per task, the implementations take turns call by call (eager, vqfast, eager, ...), so that a
@@ -294,6 +295,7 @@ def run_models(
                     else:
                         times[impl].append(seconds)
             for impl in impls:
+                progress.set_postfix_str(f"{case.label} {task} {impl}")
                 progress.update()
                 if impl not in calls:
                     continue
@@ -357,8 +359,7 @@ def git_commit() -> str:
 
 
 def stamp(device: torch.device) -> dict[str, Any]:
-    with vqfast.use_backend("auto"):
-        auto = {op: vqfast.backend.resolve(op, device) for op in vqfast.backend.OPS}
+    auto = vqfast.backend.auto_order().get(device.type, {})
     return {
         "device": device_name(device),
         "device_type": device.type,
@@ -372,7 +373,7 @@ def stamp(device: torch.device) -> dict[str, Any]:
         "commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backends": {name: status.reason or "available" for name, status in vqfast.backends().items()},
-        "auto": auto,
+        "auto": {op: [*auto.get(op, ()), "torch"] for op in vqfast.backend.OPS},  # what auto tries, in order
     }
 
 
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         ModelCase(m, args.resolution, args.batch, d, args.quick) for m in args.models for d in args.model_dtypes
     ]
     model_impls, left_out = (
-        ([], {}) if not model_cases else model_plan(args.backends, args.model_backends, device, args.model_compile)
+        ([], {}) if not model_cases else model_plan(args.backends, args.model_backends, args.model_compile)
     )
     for impl, reason in left_out.items():
         skip("whole model", impl, reason)
@@ -411,15 +412,16 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     total = sum(len(i) for _, i in plans) + len(model_cases) * len(model_impls) * len(TASKS)
-    progress = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)  # tqdm comes with diffusers
+    bar = progress(total)
     try:
-        progress.set_postfix_str("measuring peaks")
+        bar.set_postfix_str("measuring peaks")
         peaks = measure_peaks(device, quick=args.quick)
-        op_rows = run_ops(plans, device, peaks, args, progress, skip)
-        model_rows = run_models(model_cases, model_impls, device, args, progress, skip)
+        op_rows = run_ops(plans, device, peaks, args, bar, skip)
+        model_rows = run_models(model_cases, model_impls, device, args, bar, skip)
     finally:
-        progress.close()
+        bar.close()
 
+    meta["peers"] = peers.record()
     meta["wall_s"] = time.perf_counter() - started
     meta["command"] = shlex.join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
     results = {
