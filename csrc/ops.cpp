@@ -2,34 +2,28 @@
 //
 // Importing vqfast._C loads this library, whose static initializers register the schemas below and
 // the CPU (csrc/cpu/) and, when built against a CUDA torch, CUDA (csrc/cuda/*_launch.cpp) kernels.
-// The Python custom ops of vqfast.ops reach them through vqfast/native/<op>.py, which calls
-// torch.ops.vqfast_C.<op>.
+// Each schema is the lowered signature of vqfast/ops/<op>.py (the contract: vqfast.ops), so
+// vqfast/native registers torch.ops.vqfast_C.<op> as the backend's implementation as it is.
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(vqfast_C, m) {
   m.def("nearest_code(Tensor z, Tensor codebook, int dim) -> Tensor");
-  m.def(
-      "group_norm_act(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu)"
-      " -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "group_norm_act_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor mean,"
-      " Tensor rstd, bool silu) -> (Tensor, Tensor, Tensor)");
-  // source: for every spatial position of f (row-major), the row-major spatial position of
-  // scale/shift it reads (nearest upsampling, as F.interpolate picks it).
-  m.def(
-      "spatial_norm_act(Tensor f, Tensor scale, Tensor shift, Tensor source, int num_groups,"
-      " Tensor? weight, Tensor? bias, float eps, bool silu) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "spatial_norm_act_backward(Tensor grad, Tensor f, Tensor scale, Tensor shift, Tensor source,"
-      " Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, bool silu)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("vector_quantize(Tensor z, Tensor codebook, float beta, bool legacy, int dim) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "vector_quantize_backward(Tensor grad_z_q, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices,"
-      " float beta, bool legacy, int dim) -> (Tensor, Tensor)");
   m.def("codebook_gather(Tensor indices, Tensor codebook, int dim) -> Tensor");
   m.def("codebook_gather_backward(Tensor grad, Tensor indices, int num_codes, int dim) -> Tensor");
+  m.def(
+      "vector_quantize(Tensor z, Tensor codebook, float w_z, float w_q, int dim)"
+      " -> (Tensor z_q, Tensor loss, Tensor indices)");
+  m.def(
+      "vector_quantize_backward(Tensor grad_z_q, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices,"
+      " float w_z, float w_q, int dim) -> (Tensor grad_z, Tensor grad_codebook)");
+  m.def(
+      "group_norm_act(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift,"
+      " Tensor? source, float eps, bool silu) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def(
+      "group_norm_act_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift,"
+      " Tensor? source, Tensor mean, Tensor rstd, bool silu)"
+      " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_scale, Tensor grad_shift)");
 }
 
 namespace {

@@ -1,7 +1,8 @@
-// GroupNorm + activation kernels on raw pointers, shared by group_norm_act and spatial_norm_act.
+// GroupNorm + activation kernels on strided views (View): the plain group norm and MoVQ's SpatialNorm.
 //
-// Layouts: channels-first ((N, C, S) contiguous: a group is one contiguous run of Cg * S elements)
-// and channels-last ((N, S, C) contiguous). Statistics are float32 vector sums of (x - K) and
+// Layouts: channels-first (runs along s: a group is Cg runs of S elements, one run of Cg * S when its
+// channels are adjacent) and channels-last (runs along c); batch, channel and position strides are
+// read as given, so sliced and padded tensors need no copy. Statistics are float32 vector sums of (x - K) and
 // (x - K)^2, K the group's first element (no cancellation when |mean| >> std), folded into double
 // every kBlock elements. Forward: one read for the statistics, one read + write for the output
 // (channels-first runs them group by group, so the second read hits L2). Backward: one read of
@@ -11,6 +12,7 @@
 // scale/shift float32 (N, C, s) at the latent's resolution and src the nearest-upsampling map.
 #pragma once
 
+#include "common/layout.h"
 #include "cpu/vec_utils.h"
 
 #include <ATen/Parallel.h>
@@ -28,6 +30,14 @@ constexpr int64_t kBlock = 2048;  // elements per lane group summed in float32 b
 struct Shape {
   int64_t N, C, S, G;
   int64_t Cg() const { return C / G; }
+};
+
+// An operand (N, C, S) read or written in place.
+template <typename T>
+struct View {
+  T* data;
+  NormStrides st;
+  T* at(int64_t n, int64_t c, int64_t s) const { return data + n * st.n_stride + c * st.c_stride + s * st.s_stride; }
 };
 
 struct Spatial {
@@ -96,24 +106,28 @@ inline void spatial_rows(const Spatial& sp, int64_t nc, int64_t S, float* scale,
 // ---------------------------------------------------------------- channels-first (N, C, S)
 
 template <typename T, bool SILU, bool SPATIAL>
-void forward_cf(const T* x, T* y, Shape sh, const float* w, const float* b, float eps, float* mean, float* rstd,
-                const Spatial& sp) {
+void forward_cf(View<const T> x, View<T> y, Shape sh, const float* w, const float* b, float eps, float* mean,
+                float* rstd, const Spatial& sp) {
   const int64_t Cg = sh.Cg(), S = sh.S;
   at::parallel_for(0, sh.N * sh.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sc(SPATIAL ? S + kVec : 0), sf(SPATIAL ? S + kVec : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / sh.G, g = t % sh.G;
-      const T* xg = x + (n * sh.C + g * Cg) * S;
-      T* yg = y + (n * sh.C + g * Cg) * S;
+      const T* xg = x.at(n, g * Cg, 0);
+      T* yg = y.at(n, g * Cg, 0);
       const float K = static_cast<float>(xg[0]);
       double s1 = 0, s2 = 0;
-      moments(xg, Cg * S, K, s1, s2);
+      if (Cg == 1 || x.st.c_stride == S) {
+        moments(xg, Cg * S, K, s1, s2);
+      } else {
+        for (int64_t cl = 0; cl < Cg; ++cl) moments(xg + cl * x.st.c_stride, S, K, s1, s2);
+      }
       finish_stats(s1, s2, static_cast<double>(Cg * S), K, eps, mean[t], rstd[t]);
       for (int64_t cl = 0; cl < Cg; ++cl) {
         const int64_t c = g * Cg + cl;
         const Vec va(rstd[t] * w_at(w, c)), vb(b_at(b, c)), vm(mean[t]);
-        const T* xc = xg + cl * S;
-        T* yc = yg + cl * S;
+        const T* xc = xg + cl * x.st.c_stride;
+        T* yc = yg + cl * y.st.c_stride;
         if constexpr (SPATIAL) spatial_rows(sp, n * sh.C + c, S, sc.data(), sf.data());
         for (int64_t i = 0; i < S; i += kVec) {
           const int64_t m = S - i;
@@ -128,15 +142,14 @@ void forward_cf(const T* x, T* y, Shape sh, const float* w, const float* b, floa
 
 // grad_weight/grad_bias partial sums per (n, c) go to pw/pb (double, N x C).
 template <typename T, bool SILU, bool SPATIAL>
-void backward_cf(const T* gy, const T* x, T* gx, Shape sh, const float* w, const float* b, const float* mean,
-                 const float* rstd, double* pw, double* pb, const Spatial& sp) {
+void backward_cf(View<const T> gy, View<const T> x, View<T> gx, Shape sh, const float* w, const float* b,
+                 const float* mean, const float* rstd, double* pw, double* pb, const Spatial& sp) {
   const int64_t Cg = sh.Cg(), S = sh.S;
   at::parallel_for(0, sh.N * sh.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sc(SPATIAL ? S + kVec : 0), sf(SPATIAL ? S + kVec : 0);
     std::vector<float> gsc(SPATIAL ? S + kVec : 0), gsf(SPATIAL ? S + kVec : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / sh.G, g = t % sh.G;
-      const int64_t base = (n * sh.C + g * Cg) * S;
       const float r = rstd[t];
       const Vec vr(r), vm(mean[t]);
       double m1 = 0, m2 = 0;  // sum_c w_c sum_s gn, sum_c w_c sum_s gn * x_hat
@@ -144,8 +157,8 @@ void backward_cf(const T* gy, const T* x, T* gx, Shape sh, const float* w, const
       for (int64_t cl = 0; cl < Cg; ++cl) {
         const int64_t c = g * Cg + cl;
         const Vec vw(w_at(w, c)), vb(b_at(b, c));
-        const T* xc = x + base + cl * S;
-        const T* gc = gy + base + cl * S;
+        const T* xc = x.at(n, c, 0);
+        const T* gc = gy.at(n, c, 0);
         if constexpr (SPATIAL) spatial_rows(sp, n * sh.C + c, S, sc.data(), sf.data());
         double A = 0, B = 0;
         for (int64_t i0 = 0; i0 < S; i0 += kBlock) {
@@ -187,9 +200,9 @@ void backward_cf(const T* gy, const T* x, T* gx, Shape sh, const float* w, const
       for (int64_t cl = 0; cl < Cg; ++cl) {
         const int64_t c = g * Cg + cl;
         const Vec vw(w_at(w, c)), vb(b_at(b, c)), vwr(w_at(w, c) * r);
-        const T* xc = x + base + cl * S;
-        const T* gc = gy + base + cl * S;
-        T* dc = gx + base + cl * S;
+        const T* xc = x.at(n, c, 0);
+        const T* gc = gy.at(n, c, 0);
+        T* dc = gx.at(n, c, 0);
         if constexpr (SPATIAL) spatial_rows(sp, n * sh.C + c, S, sc.data(), sf.data());
         for (int64_t i = 0; i < S; i += kVec) {
           const int64_t m = S - i;
@@ -246,13 +259,13 @@ inline void spatial_channels(const Spatial& sp, int64_t n, int64_t C, int64_t s,
 }
 
 template <typename T, bool SILU, bool SPATIAL>
-void forward_cl(const T* x, T* y, Shape sh, const float* w, const float* b, float eps, float* mean, float* rstd,
-                const Spatial& sp) {
+void forward_cl(View<const T> x, View<T> y, Shape sh, const float* w, const float* b, float eps, float* mean,
+                float* rstd, const Spatial& sp) {
   const int64_t C = sh.C, S = sh.S, Cg = sh.Cg();
   const int64_t runs = (S + kPositions - 1) / kPositions;
   std::vector<float> K(sh.N * C + kVec), part(sh.N * runs * 2 * C + kVec);
   for (int64_t n = 0; n < sh.N; ++n)
-    for (int64_t c = 0; c < C; ++c) K[n * C + c] = static_cast<float>(x[n * S * C + (c / Cg) * Cg]);
+    for (int64_t c = 0; c < C; ++c) K[n * C + c] = static_cast<float>(*x.at(n, c / Cg * Cg, 0));
   for_each_run(sh, [&](int64_t n, int64_t r, int64_t s0, int64_t s1) {
     float* p1 = part.data() + ((n * runs + r) * 2) * C;
     float* p2 = p1 + C;
@@ -261,7 +274,7 @@ void forward_cl(const T* x, T* y, Shape sh, const float* w, const float* b, floa
     // Positions outer, channels inner: x streams in memory order, and a channel's running sums come
     // back from L1 only after the other channels' updates, so no add latency chain bounds the loop.
     for (int64_t s = s0; s < s1; ++s) {
-      const T* xs = x + (n * S + s) * C;
+      const T* xs = x.at(n, 0, s);
       for (int64_t c = 0; c < C; c += kVec) {
         const int64_t m = C - c;
         const Vec v = vload_n(xs + c, m) - Vec::loadu(Kn + c);
@@ -293,8 +306,8 @@ void forward_cl(const T* x, T* y, Shape sh, const float* w, const float* b, floa
     const float* Bn = Bv.data() + n * C;
     const float* Mn = M.data() + n * C;
     for (int64_t s = s0; s < s1e; ++s) {
-      const T* xs = x + (n * S + s) * C;
-      T* ys = y + (n * S + s) * C;
+      const T* xs = x.at(n, 0, s);
+      T* ys = y.at(n, 0, s);
       if constexpr (SPATIAL) spatial_channels(sp, n, C, s, sc.data(), sf.data());
       for (int64_t c = 0; c < C; c += kVec) {
         const int64_t m = C - c;
@@ -307,8 +320,8 @@ void forward_cl(const T* x, T* y, Shape sh, const float* w, const float* b, floa
 }
 
 template <typename T, bool SILU, bool SPATIAL>
-void backward_cl(const T* gy, const T* x, T* gx, Shape sh, const float* w, const float* b, const float* mean,
-                 const float* rstd, double* pw, double* pb, const Spatial& sp) {
+void backward_cl(View<const T> gy, View<const T> x, View<T> gx, Shape sh, const float* w, const float* b,
+                 const float* mean, const float* rstd, double* pw, double* pb, const Spatial& sp) {
   const int64_t C = sh.C, S = sh.S, Cg = sh.Cg(), G = sh.G;
   const int64_t runs = (S + kPositions - 1) / kPositions;
   // Per-channel rstd, mean for each n; w, b.
@@ -319,11 +332,11 @@ void backward_cl(const T* gy, const T* x, T* gx, Shape sh, const float* w, const
   // x_hat, the affine output and gp (the gradient at the pre-activation) at (n, s, c + lanes).
   auto grad_at = [&](int64_t n, int64_t s, int64_t c, int64_t width, const float* sc, const float* sf, Vec& xh,
                      Vec& norm, Vec& gp) {
-    xh = (vload_n(x + (n * S + s) * C + c, width) - Vec::loadu(M.data() + n * C + c)) * Vec::loadu(R.data() + n * C + c);
+    xh = (vload_n(x.at(n, c, s), width) - Vec::loadu(M.data() + n * C + c)) * Vec::loadu(R.data() + n * C + c);
     norm = at::vec::fmadd(xh, Vec::loadu(W.data() + c), Vec::loadu(Bb.data() + c));
     Vec pre = norm;
     if constexpr (SPATIAL) pre = at::vec::fmadd(norm, Vec::loadu(sc), Vec::loadu(sf));
-    gp = activate_grad<SILU>(vload_n(gy + (n * S + s) * C + c, width), pre);
+    gp = activate_grad<SILU>(vload_n(gy.at(n, c, s), width), pre);
     if (width < kVec) gp = Vec::set(Vec(0.f), gp, width);
   };
   if constexpr (!SPATIAL) {
@@ -396,7 +409,7 @@ void backward_cl(const T* gy, const T* x, T* gx, Shape sh, const float* w, const
     std::vector<float> sc(SPATIAL ? C + kVec : 0), sf(SPATIAL ? C + kVec : 0);
     for (int64_t s = s0; s < s1e; ++s) {
       if constexpr (SPATIAL) spatial_channels(sp, n, C, s, sc.data(), sf.data());
-      T* ds = gx + (n * S + s) * C;
+      T* ds = gx.at(n, 0, s);
       for (int64_t c = 0; c < C; c += kVec) {
         const int64_t m = C - c;
         Vec xh, norm, gp;

@@ -12,8 +12,8 @@
 // principal axis and each row visits only the tiles whose projections could hold its nearest code
 // (search_sorted), with the same distances and the same answer. Rows or codebooks holding non-finite
 // or huge (> 2^40) values take a scalar path with the reference's arithmetic and NaN-aware argmin.
-#include "cpu/kernels.h"
-#include "cpu/rows.h"
+#include "cpu/nearest_code.h"
+#include "cpu/row_blocks.h"
 #include "cpu/vec_utils.h"
 
 #include <ATen/Parallel.h>
@@ -375,20 +375,19 @@ void search_sorted(const at::Tensor& z, const Rows& rows, const Codebook& cb, in
 
 }  // namespace
 
-at::Tensor nearest_code(const at::Tensor& z_in, const at::Tensor& codebook, int64_t dim) {
-  TORCH_CHECK(z_in.device().is_cpu() && codebook.device().is_cpu(), "nearest_code: CPU tensors expected");
+at::Tensor nearest_code(const at::Tensor& z, const at::Tensor& codebook, int64_t dim) {
+  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(), "nearest_code: CPU tensors expected");
   TORCH_CHECK(codebook.dim() == 2 && codebook.size(0) > 0, "nearest_code: codebook must be (K, D) with K > 0");
-  TORCH_CHECK(z_in.scalar_type() == codebook.scalar_type(), "nearest_code: z and codebook dtypes differ");
-  dim = c10::maybe_wrap_dim(dim, z_in.dim());
-  TORCH_CHECK(z_in.size(dim) == codebook.size(1), "nearest_code: z's size along dim differs from codebook's D");
+  TORCH_CHECK(z.scalar_type() == codebook.scalar_type(), "nearest_code: z and codebook dtypes differ");
+  TORCH_CHECK(0 <= dim && dim < z.dim(), "nearest_code: dim must be in [0, z.dim())");
+  TORCH_CHECK(z.size(dim) == codebook.size(1), "nearest_code: z's size along dim differs from codebook's D");
   std::vector<int64_t> shape;
-  for (int64_t i = 0; i < z_in.dim(); ++i)
-    if (i != dim) shape.push_back(z_in.size(i));
-  at::Tensor out = at::empty(shape, z_in.options().dtype(at::kLong));
+  for (int64_t i = 0; i < z.dim(); ++i)
+    if (i != dim) shape.push_back(z.size(i));
+  at::Tensor out = at::empty(shape, z.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   if (codebook.size(1) == 0) return out.zero_();
-  Rows rows;
-  const at::Tensor z = as_rows(z_in, dim, rows);
+  const Rows rows = rows_in_place(z, dim, "nearest_code");
   dispatch_float(z.scalar_type(), "nearest_code", [&](auto tag) {
     using scalar_t = decltype(tag);
     int64_t* o = out.data_ptr<int64_t>();

@@ -12,18 +12,19 @@
 namespace vqfast {
 namespace cpu {
 
-// out (K x D, contiguous) = sum over rows r with code[r] == k of the row that add_row(r, k, acc)
+// out (K x D, contiguous) = sum over rows r with code(r) == k of the row that add_row(r, k, acc)
 // adds into the float32 accumulator acc[D].
-template <typename T, typename AddRow>
-void scatter_rows(const int64_t* code, int64_t N, int64_t K, int64_t D, T* out, AddRow add_row) {
+template <typename T, typename Code, typename AddRow>
+void scatter_rows(Code code, int64_t N, int64_t K, int64_t D, T* out, AddRow add_row) {
   std::vector<int64_t> start(K + 1, 0), order(N);
   for (int64_t r = 0; r < N; ++r) {
-    TORCH_CHECK_INDEX(code[r] >= 0 && code[r] < K, "index ", code[r], " is out of bounds for ", K, " codes");
-    ++start[code[r] + 1];
+    const int64_t k = code(r);
+    TORCH_CHECK_INDEX(k >= 0 && k < K, "index ", k, " is out of bounds for ", K, " codes");
+    ++start[k + 1];
   }
   std::partial_sum(start.begin(), start.end(), start.begin());
   std::vector<int64_t> next(start.begin(), start.end() - 1);
-  for (int64_t r = 0; r < N; ++r) order[next[code[r]]++] = r;
+  for (int64_t r = 0; r < N; ++r) order[next[code(r)]++] = r;
   at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(D);
     for (int64_t k = begin; k < end; ++k) {

@@ -4,13 +4,14 @@
 // row, the rows' sums added in double in a fixed order. Backward: grad_z in one pass; the codebook
 // gradient by scatter_rows (deterministic whatever the thread count).
 //
-// Rows are read in place (NCHW, channels_last or strided) in blocks (for_row_blocks in rows.h).
-#include "cpu/kernels.h"
-#include "cpu/rows.h"
+// Rows are read and written in place (NCHW, channels_last or strided) in blocks (row_blocks.h).
+#include "cpu/nearest_code.h"
+#include "cpu/row_blocks.h"
 #include "cpu/scatter_rows.h"
 #include "cpu/vec_utils.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <torch/library.h>
 
@@ -20,12 +21,6 @@
 namespace vqfast {
 namespace cpu {
 namespace {
-
-// (w_z, w_q): weights of the loss term whose gradient goes to z and of the one going to the codebook.
-std::pair<float, float> loss_weights(double beta, bool legacy) {
-  return legacy ? std::pair<float, float>{1.f, static_cast<float>(beta)}
-                : std::pair<float, float>{static_cast<float>(beta), 1.f};
-}
 
 template <typename T>
 double forward_kernel(const at::Tensor& z, const Rows& zr, const at::Tensor& codebook, const int64_t* idx,
@@ -37,8 +32,8 @@ double forward_kernel(const at::Tensor& z, const Rows& zr, const at::Tensor& cod
   for_row_blocks(N, [&](int64_t blk, int64_t r0, int64_t n) {
     int64_t zo[kRowBlock], oo[kRowBlock], co[kRowBlock];
     float sum[kRowBlock] = {};
-    row_offsets(zr, r0, n, zo);
-    row_offsets(outr, r0, n, oo);
+    offsets(zr, r0, n, zo);
+    offsets(outr, r0, n, oo);
     for (int64_t i = 0; i < n; ++i) co[i] = idx[r0 + i] * cs0;
     for (int64_t d = 0; d < D; ++d) {
       for (int64_t i = 0; i < n; ++i) {
@@ -58,25 +53,23 @@ double forward_kernel(const at::Tensor& z, const Rows& zr, const at::Tensor& cod
   return total;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor& z_in, const at::Tensor& codebook,
-                                                               double beta, bool legacy, int64_t dim) {
-  dim = c10::maybe_wrap_dim(dim, z_in.dim());
-  at::Tensor indices = nearest_code(z_in, codebook, dim).reshape(-1);  // checks devices, dtypes, sizes
-  RowsOutput z_q(z_in, dim);
-  Rows zr;
-  const at::Tensor z = as_rows(z_in, dim, zr);
-  const auto [w_z, w_q] = loss_weights(beta, legacy);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor& z, const at::Tensor& codebook,
+                                                               double w_z, double w_q, int64_t dim) {
+  at::Tensor indices = nearest_code(z, codebook, dim).reshape(-1);  // checks devices, dtypes, sizes, dim
+  at::Tensor z_q = at::empty_like(z);
+  const Rows zr = rows_in_place(z, dim, "vector_quantize");
+  const Rows qr = rows_in_place(z_q, dim, "vector_quantize");
   float loss = std::numeric_limits<float>::quiet_NaN();  // the mean of nothing, as torch.mean
   dispatch_float(z.scalar_type(), "vector_quantize", [&](auto tag) {
     using scalar_t = decltype(tag);
     const double total = forward_kernel<scalar_t>(z, zr, codebook, indices.const_data_ptr<int64_t>(),
-                                                  z_q.buffer.mutable_data_ptr<scalar_t>(), z_q.rows);
+                                                  z_q.mutable_data_ptr<scalar_t>(), qr);
     if (z.numel() > 0) {
       const float mse = static_cast<float>(total / static_cast<double>(z.numel()));
-      loss = w_z * mse + w_q * mse;
+      loss = static_cast<float>(w_z) * mse + static_cast<float>(w_q) * mse;
     }
   });
-  return {z_q.finish(), at::full({}, loss, z_in.options()), indices};
+  return {z_q, at::full({}, loss, z.options()), indices};
 }
 
 template <typename T>
@@ -91,9 +84,9 @@ void backward_kernel(const at::Tensor& grad, const Rows& gr, const at::Tensor& z
   // grad_z = grad_z_q + w_z * (z - q) * 2 grad_loss / numel, rounded as the reference.
   for_row_blocks(N, [&](int64_t, int64_t r0, int64_t n) {
     int64_t go[kRowBlock], zo[kRowBlock], oo[kRowBlock], co[kRowBlock];
-    row_offsets(gr, r0, n, go);
-    row_offsets(zr, r0, n, zo);
-    row_offsets(gzr, r0, n, oo);
+    offsets(gr, r0, n, go);
+    offsets(zr, r0, n, zo);
+    offsets(gzr, r0, n, oo);
     for (int64_t i = 0; i < n; ++i) co[i] = idx[r0 + i] * cs0;
     for (int64_t d = 0; d < D; ++d) {
       for (int64_t i = 0; i < n; ++i) {
@@ -105,7 +98,7 @@ void backward_kernel(const at::Tensor& grad, const Rows& gr, const at::Tensor& z
     }
   });
   // grad_codebook[k] = sum over the rows quantized to k of -w_q * (z - q) * scale.
-  scatter_rows(idx, N, K, D, grad_cb, [&](int64_t r, int64_t k, float* acc) {
+  scatter_rows([idx](int64_t r) { return idx[r]; }, N, K, D, grad_cb, [&](int64_t r, int64_t k, float* acc) {
     const T* zrow = zp + zr.offset(r);
     for (int64_t d = 0; d < D; ++d) {
       const float diff =
@@ -116,33 +109,33 @@ void backward_kernel(const at::Tensor& grad, const Rows& gr, const at::Tensor& z
 }
 
 std::tuple<at::Tensor, at::Tensor> vector_quantize_backward(const at::Tensor& grad_z_q, const at::Tensor& grad_loss,
-                                                            const at::Tensor& z_in, const at::Tensor& codebook,
-                                                            const at::Tensor& indices_in, double beta, bool legacy,
+                                                            const at::Tensor& z, const at::Tensor& codebook,
+                                                            const at::Tensor& indices, double w_z, double w_q,
                                                             int64_t dim) {
-  TORCH_CHECK(z_in.device().is_cpu() && codebook.device().is_cpu() && grad_z_q.device().is_cpu(),
+  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu() && grad_z_q.device().is_cpu(),
               "vector_quantize_backward: CPU tensors expected");
-  TORCH_CHECK(grad_z_q.sizes() == z_in.sizes() && grad_z_q.scalar_type() == z_in.scalar_type() &&
-                  codebook.scalar_type() == z_in.scalar_type(),
+  TORCH_CHECK(grad_z_q.sizes() == z.sizes() && grad_z_q.scalar_type() == z.scalar_type() &&
+                  codebook.scalar_type() == z.scalar_type(),
               "vector_quantize_backward: grad_z_q, z and codebook must share shape / dtype");
-  dim = c10::maybe_wrap_dim(dim, z_in.dim());
-  TORCH_CHECK(codebook.dim() == 2 && z_in.size(dim) == codebook.size(1), "vector_quantize_backward: bad codebook");
-  const at::Tensor indices = indices_in.to(at::kLong).contiguous();
-  TORCH_CHECK(indices.numel() * z_in.size(dim) == z_in.numel(), "vector_quantize_backward: one index per row of z");
-  RowsOutput grad_z(z_in, dim);
+  TORCH_CHECK(0 <= dim && dim < z.dim() && codebook.dim() == 2 && z.size(dim) == codebook.size(1),
+              "vector_quantize_backward: bad dim or codebook");
+  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.is_contiguous() &&
+                  indices.numel() * z.size(dim) == z.numel(),
+              "vector_quantize_backward: indices must be int64, contiguous, one per row of z");
+  at::Tensor grad_z = at::empty_like(z);
   at::Tensor grad_cb = at::empty(codebook.sizes(), codebook.options());
-  Rows zr, gr;
-  const at::Tensor z = as_rows(z_in, dim, zr);
-  const at::Tensor grad = as_rows(grad_z_q, dim, gr);
+  const Rows zr = rows_in_place(z, dim, "vector_quantize_backward");
+  const Rows gr = rows_in_place(grad_z_q, dim, "vector_quantize_backward");
+  const Rows gzr = rows_in_place(grad_z, dim, "vector_quantize_backward");
   // 2 * grad_loss / numel in float32, as the reference.
   const float scale = 2.f * grad_loss.item<float>() / static_cast<float>(z.numel());
-  const auto [w_z, w_q] = loss_weights(beta, legacy);
   dispatch_float(z.scalar_type(), "vector_quantize_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
-    backward_kernel<scalar_t>(grad, gr, z, zr, codebook, indices.const_data_ptr<int64_t>(), scale, w_z, w_q,
-                              grad_z.buffer.mutable_data_ptr<scalar_t>(), grad_z.rows,
-                              grad_cb.mutable_data_ptr<scalar_t>());
+    backward_kernel<scalar_t>(grad_z_q, gr, z, zr, codebook, indices.const_data_ptr<int64_t>(), scale,
+                              static_cast<float>(w_z), static_cast<float>(w_q), grad_z.mutable_data_ptr<scalar_t>(),
+                              gzr, grad_cb.mutable_data_ptr<scalar_t>());
   });
-  return {grad_z.finish(), grad_cb};
+  return {grad_z, grad_cb};
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// codebook_gather for CUDA tensors: csrc/cuda/codebook_gather.cu.
+// codebook_gather for CUDA tensors: csrc/cuda/codebook_gather.cu, indices and gradients read in place.
+#include "cuda/codebook_gather.h"
 #include "cuda/launch_utils.h"
 
 #include <ATen/ops/empty.h>
@@ -10,41 +11,47 @@ namespace vqfast {
 namespace cuda {
 namespace {
 
-at::Tensor codebook_gather_cuda(const at::Tensor& indices_in, const at::Tensor& codebook, int64_t dim) {
-  TORCH_CHECK(indices_in.is_cuda() && codebook.device() == indices_in.device(),
+at::Tensor codebook_gather_cuda(const at::Tensor& indices, const at::Tensor& codebook, int64_t dim) {
+  TORCH_CHECK(indices.is_cuda() && codebook.device() == indices.device(),
               "codebook_gather: tensors on one CUDA device expected");
   TORCH_CHECK(codebook.dim() == 2, "codebook_gather: codebook must be (K, D)");
+  TORCH_CHECK(0 <= dim && dim <= indices.dim(), "codebook_gather: dim must be in [0, indices.dim()]");
   const c10::cuda::CUDAGuard guard(codebook.device());
-  dim = c10::maybe_wrap_dim(dim, indices_in.dim() + 1);
-  const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
   shape.insert(shape.begin() + dim, codebook.size(1));
   at::Tensor out = at::empty(shape, codebook.options());
-  Rows rows;
-  collapse_rows(out, dim, rows);  // contiguous: always collapses
-  check(codebook_gather(dtype_of(codebook, "codebook_gather"), indices.const_data_ptr<int64_t>(),
-                        codebook_view(codebook), out.mutable_data_ptr(), view_of(rows), stream()),
-        "codebook_gather");
+  CodebookGatherParams p{};
+  p.dtype = dtype_of(codebook, "codebook_gather");
+  p.indices = indices.const_data_ptr<int64_t>();
+  p.index_layout = indices_in_place(indices, "codebook_gather");
+  p.cb = codebook_view(codebook);
+  p.out = out.mutable_data_ptr();
+  p.out_rows = rows_in_place(out, dim, "codebook_gather");  // contiguous: one or two dimensions
+  check(codebook_gather(p, stream()), "codebook_gather");
   return out;
 }
 
-at::Tensor codebook_gather_backward_cuda(const at::Tensor& grad_in, const at::Tensor& indices_in, int64_t num_codes,
+at::Tensor codebook_gather_backward_cuda(const at::Tensor& grad, const at::Tensor& indices, int64_t num_codes,
                                          int64_t dim) {
-  TORCH_CHECK(grad_in.is_cuda() && indices_in.device() == grad_in.device(),
+  TORCH_CHECK(grad.is_cuda() && indices.device() == grad.device(),
               "codebook_gather_backward: tensors on one CUDA device expected");
-  const c10::cuda::CUDAGuard guard(grad_in.device());
-  dim = c10::maybe_wrap_dim(dim, grad_in.dim());
-  const at::Tensor indices = indices_in.to(at::kLong).reshape(-1).contiguous();
-  TORCH_CHECK(indices.numel() * grad_in.size(dim) == grad_in.numel() || grad_in.size(dim) == 0,
-              "codebook_gather_backward: one index per row of grad");
-  const int64_t D = grad_in.size(dim);
-  Rows rows;
-  const at::Tensor grad = as_rows(grad_in, dim, rows);
-  CodeSegments seg(indices, num_codes, D);
-  check(codebook_gather_backward(dtype_of(grad, "codebook_gather_backward"), grad.const_data_ptr(), view_of(rows), D,
-                                 indices.const_data_ptr<int64_t>(), seg.order_ptr(), seg.start_ptr(), num_codes,
-                                 seg.out.mutable_data_ptr<float>(), stream()),
-        "codebook_gather_backward");
+  TORCH_CHECK(0 <= dim && dim < grad.dim() && grad.dim() == indices.dim() + 1,
+              "codebook_gather_backward: grad must have indices' shape with D inserted at dim");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  CodebookGatherBwdParams p{};
+  p.dtype = dtype_of(grad, "codebook_gather_backward");
+  p.grad = grad.const_data_ptr();
+  p.grad_rows = rows_in_place(grad, dim, "codebook_gather_backward");
+  p.indices = indices.const_data_ptr<int64_t>();
+  p.index_layout = indices_in_place(indices, "codebook_gather_backward");
+  TORCH_CHECK(p.grad_rows.count() == p.index_layout.numel, "codebook_gather_backward: one index per row of grad");
+  p.K = num_codes;
+  p.D = grad.size(dim);
+  CodeSegments seg(indices, p.K, p.D);
+  p.order = seg.order_ptr();
+  p.start = seg.start_ptr();
+  p.out = seg.out.mutable_data_ptr<float>();
+  check(codebook_gather_backward(p, stream()), "codebook_gather_backward");
   return seg.out.to(grad.scalar_type());
 }
 

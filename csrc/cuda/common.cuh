@@ -1,11 +1,22 @@
 // Device helpers shared by the CUDA kernels: float32 arithmetic on float / half / bfloat16 storage,
-// row offsets, dtype dispatch.
+// dtype dispatch and the device-side checks that stand in for host ones.
 #pragma once
 
-#include "cuda/launchers.h"
+#include "common/layout.h"
+#include "cuda/types.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cassert>
+
+// Stops the kernel with cudaErrorAssert ("device-side assert triggered" in torch) when cond is false,
+// whatever NDEBUG says: the host never checks the data (no synchronisation), so this is the check.
+#define VQFAST_KERNEL_ASSERT(cond)                                                      \
+  do {                                                                                  \
+    if (!(cond)) __assert_fail(#cond, __FILE__, static_cast<unsigned>(__LINE__), __func__); \
+  } while (0)
 
 namespace vqfast {
 namespace cuda {
@@ -25,12 +36,6 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__host__ __device__ __forceinline__ int64_t row_offset(const RowsView& r, int64_t row) {
-  return (row / r.inner) * r.outer_stride + (row % r.inner) * r.inner_stride;
-}
-
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Calls f(T{}) with T the storage type of dtype.
 template <typename F>

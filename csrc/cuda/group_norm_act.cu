@@ -1,14 +1,16 @@
 // group_norm_act on CUDA: act(group_norm(x) * weight + bias) with float32 statistics, forward and
-// backward, for NCHW-contiguous and channels-last x; and spatial_norm_act, MoVQ's SpatialNorm, which
-// multiplies the affine output by scale and adds shift (SPATIAL, SpatialArgs in launchers.h).
+// backward, every operand read or written in place at its own (n, c, s) strides, channels-first or
+// channels-last; with scale/shift (SPATIAL, SpatialArgs in group_norm_act.h) MoVQ's SpatialNorm, which
+// multiplies the affine output by scale and adds shift.
 // Reductions over a group run in `splits` blocks per group (grid.y), each block combining its threads
 // in a fixed tree (Welford / Chan for the forward's mean and variance, so a large mean does not
 // cancel), the splits then combined in order: the result is deterministic. Elementwise passes
 // recompute x_hat from the statistics.
+#include "cuda/group_norm_act.h"
+
 #include "cuda/common.cuh"
 
 #include <algorithm>
-#include <type_traits>
 
 namespace vqfast {
 namespace cuda {
@@ -16,32 +18,29 @@ namespace {
 
 __device__ __forceinline__ int64_t group_size(const NormShape& sh) { return sh.C / sh.G * sh.S; }
 
-// Address and channel of element i (< Cg * S) of group g of sample n.
-__device__ __forceinline__ int64_t group_addr(const NormShape& sh, int64_t n, int64_t g, int64_t i, int64_t& c) {
-  const int64_t Cg = sh.C / sh.G;
-  if (sh.channels_last) {
-    c = g * Cg + i % Cg;
-    return (n * sh.S + i / Cg) * sh.C + c;
+// An element of x and its operands, and its offset in one of them.
+struct Elem {
+  int64_t n, c, s;
+  __device__ __forceinline__ int64_t in(const NormStrides& t) const {
+    return n * t.n_stride + c * t.c_stride + s * t.s_stride;
   }
-  c = g * Cg + i / sh.S;
-  return (n * sh.C + g * Cg) * sh.S + i;
+};
+
+// Element i (< Cg * S) of group g of sample n, in the visiting order.
+__device__ __forceinline__ Elem group_elem(const NormShape& sh, int64_t n, int64_t g, int64_t i) {
+  const int64_t Cg = sh.C / sh.G;
+  return sh.channels_last ? Elem{n, g * Cg + i % Cg, i / Cg} : Elem{n, g * Cg + i / sh.S, i % sh.S};
 }
 
-// Spatial position of the element at address a.
-__device__ __forceinline__ int64_t spatial_pos(const NormShape& sh, int64_t a) {
-  return sh.channels_last ? (a / sh.C) % sh.S : a % sh.S;
+// Element e of the whole tensor, in the visiting order.
+__device__ __forceinline__ Elem elem(const NormShape& sh, int64_t e) {
+  const int64_t n = e / (sh.S * sh.C), r = e % (sh.S * sh.C);
+  return sh.channels_last ? Elem{n, r % sh.C, r / sh.C} : Elem{n, r / sh.S, r % sh.S};
 }
 
-// Index in scale / shift (N, C, s) of the element (n, c) at address a.
-__device__ __forceinline__ int64_t small_index(const NormShape& sh, const SpatialArgs& sp, int64_t n, int64_t c,
-                                               int64_t a) {
-  return (n * sh.C + c) * sp.s + sp.source[spatial_pos(sh, a)];
-}
-
-// Sample and channel of element e of the whole tensor.
-__device__ __forceinline__ void elem_nc(const NormShape& sh, int64_t e, int64_t& n, int64_t& c) {
-  n = e / (sh.S * sh.C);
-  c = sh.channels_last ? e % sh.C : (e / sh.S) % sh.C;
+// Index in scale / shift (N, C, s) that element el reads.
+__device__ __forceinline__ int64_t small_index(const NormShape& sh, const SpatialArgs& sp, const Elem& el) {
+  return (el.n * sh.C + el.c) * sp.s + sp.source[el.s];
 }
 
 struct Welford {  // no default member initializers: it also lives in __shared__ memory
@@ -87,17 +86,21 @@ __device__ __forceinline__ void split_range(int64_t M, int64_t& begin, int64_t& 
 }
 
 template <typename T>
-__global__ void stats_kernel(const T* __restrict__ x, NormShape sh, float* __restrict__ part) {
+__global__ void stats_kernel(const GroupNormFwdParams p) {
   __shared__ Welford shared[kThreads];
+  const NormShape& sh = p.shape;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
   const int64_t ng = blockIdx.x, n = ng / sh.G, g = ng % sh.G;
-  int64_t begin, end, c;
+  int64_t begin, end;
   split_range(group_size(sh), begin, end);
   Welford w{0.f, 0.f, 0.f};
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) w.add(to_float(x[group_addr(sh, n, g, i, c)]));
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    w.add(to_float(x[group_elem(sh, n, g, i).in(p.x_strides)]));
+  }
   w = block_reduce(w, shared, [](Welford a, const Welford& b) { a.merge(b); return a; });
   if (threadIdx.x == 0) {
-    float* p = part + (ng * gridDim.y + blockIdx.y) * 3;
-    p[0] = w.count, p[1] = w.mean, p[2] = w.m2;
+    float* part = p.work + (ng * gridDim.y + blockIdx.y) * 3;
+    part[0] = w.count, part[1] = w.mean, part[2] = w.m2;
   }
 }
 
@@ -115,22 +118,20 @@ __global__ void stats_final_kernel(const float* __restrict__ part, int64_t group
 }
 
 template <typename T, bool SILU, bool SPATIAL>
-__global__ void apply_kernel(const T* __restrict__ x, NormShape sh, const float* __restrict__ weight,
-                             const float* __restrict__ bias, SpatialArgs sp, const float* __restrict__ mean,
-                             const float* __restrict__ rstd, T* __restrict__ y, int64_t total) {
+__global__ void apply_kernel(const GroupNormFwdParams p, int64_t total) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= total) return;
-  int64_t n, c;
-  elem_nc(sh, e, n, c);
-  const int64_t ng = n * sh.G + c / (sh.C / sh.G);
-  float v = (to_float(x[e]) - mean[ng]) * rstd[ng];
-  if (weight) v *= weight[c];
-  if (bias) v += bias[c];
+  const NormShape& sh = p.shape;
+  const Elem el = elem(sh, e);
+  const int64_t ng = el.n * sh.G + el.c / (sh.C / sh.G);
+  float v = (to_float(static_cast<const T*>(p.x)[el.in(p.x_strides)]) - p.mean[ng]) * p.rstd[ng];
+  if (p.weight) v *= p.weight[el.c];
+  if (p.bias) v += p.bias[el.c];
   if (SPATIAL) {
-    const int64_t j = small_index(sh, sp, n, c, e);
-    v = v * sp.scale[j] + sp.shift[j];
+    const int64_t j = small_index(sh, p.spatial, el);
+    v = v * p.spatial.scale[j] + p.spatial.shift[j];
   }
-  y[e] = from_float<T>(SILU ? silu(v) : v);
+  static_cast<T*>(p.y)[el.in(p.y_strides)] = from_float<T>(SILU ? silu(v) : v);
 }
 
 // What the backward passes recompute at an element: x_hat, the affine output (norm), the gradient at
@@ -140,20 +141,19 @@ struct Grads {
 };
 
 template <typename T, bool SILU, bool SPATIAL>
-__device__ __forceinline__ Grads grads_at(const T* grad, const T* x, const NormShape& sh, const SpatialArgs& sp,
-                                          int64_t a, int64_t n, int64_t c, float mean, float rstd,
-                                          const float* weight, const float* bias) {
+__device__ __forceinline__ Grads grads_at(const GroupNormBwdParams& p, const Elem& el) {
+  const int64_t ng = el.n * p.shape.G + el.c / (p.shape.C / p.shape.G);
   Grads r;
-  r.xh = (to_float(x[a]) - mean) * rstd;
-  const float w = weight ? weight[c] : 1.f;
-  r.norm = r.xh * w + (bias ? bias[c] : 0.f);
+  r.xh = (to_float(static_cast<const T*>(p.x)[el.in(p.x_strides)]) - p.mean[ng]) * p.rstd[ng];
+  const float w = p.weight ? p.weight[el.c] : 1.f;
+  r.norm = r.xh * w + (p.bias ? p.bias[el.c] : 0.f);
   float scale = 1.f, pre = r.norm;
   if (SPATIAL) {
-    const int64_t j = small_index(sh, sp, n, c, a);
-    scale = sp.scale[j];
-    pre = r.norm * scale + sp.shift[j];
+    const int64_t j = small_index(p.shape, p.spatial, el);
+    scale = p.spatial.scale[j];
+    pre = r.norm * scale + p.spatial.shift[j];
   }
-  r.g_act = to_float(grad[a]);
+  r.g_act = to_float(static_cast<const T*>(p.grad)[el.in(p.grad_strides)]);
   if (SILU) r.g_act *= silu_grad(pre);
   r.g_pre = SPATIAL ? r.g_act * scale : r.g_act;
   r.g_hat = r.g_pre * w;
@@ -161,22 +161,18 @@ __device__ __forceinline__ Grads grads_at(const T* grad, const T* x, const NormS
 }
 
 template <typename T, bool SILU, bool SPATIAL>
-__global__ void backward_stats_kernel(const T* __restrict__ grad, const T* __restrict__ x, NormShape sh,
-                                      const float* __restrict__ weight, const float* __restrict__ bias, SpatialArgs sp,
-                                      const float* __restrict__ mean, const float* __restrict__ rstd,
-                                      float* __restrict__ part) {
+__global__ void backward_stats_kernel(const GroupNormBwdParams p) {
   __shared__ float2 shared[kThreads];
-  const int64_t ng = blockIdx.x, n = ng / sh.G, g = ng % sh.G;
-  int64_t begin, end, c;
-  split_range(group_size(sh), begin, end);
+  const int64_t ng = blockIdx.x, n = ng / p.shape.G, g = ng % p.shape.G;
+  int64_t begin, end;
+  split_range(group_size(p.shape), begin, end);
   float2 s = {0.f, 0.f};
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const int64_t a = group_addr(sh, n, g, i, c);
-    const Grads r = grads_at<T, SILU, SPATIAL>(grad, x, sh, sp, a, n, c, mean[ng], rstd[ng], weight, bias);
+    const Grads r = grads_at<T, SILU, SPATIAL>(p, group_elem(p.shape, n, g, i));
     s.x += r.g_hat, s.y = fmaf(r.g_hat, r.xh, s.y);
   }
   s = block_reduce(s, shared, [](float2 a, const float2& b) { return float2{a.x + b.x, a.y + b.y}; });
-  if (threadIdx.x == 0) reinterpret_cast<float2*>(part)[ng * gridDim.y + blockIdx.y] = s;
+  if (threadIdx.x == 0) reinterpret_cast<float2*>(p.work)[ng * gridDim.y + blockIdx.y] = s;
 }
 
 // part (groups x splits float2) -> coef[ng] = (mean(g_hat), mean(g_hat * x_hat)) over the group.
@@ -195,75 +191,45 @@ __global__ void backward_final_kernel(const float* __restrict__ part, int64_t gr
 
 // grad_x = rstd * (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat)).
 template <typename T, bool SILU, bool SPATIAL>
-__global__ void grad_x_kernel(const T* __restrict__ grad, const T* __restrict__ x, NormShape sh,
-                              const float* __restrict__ weight, const float* __restrict__ bias, SpatialArgs sp,
-                              const float* __restrict__ mean, const float* __restrict__ rstd,
-                              const float* __restrict__ coef, T* __restrict__ grad_x, int64_t total) {
+__global__ void grad_x_kernel(const GroupNormBwdParams p, const float* __restrict__ coef, int64_t total) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= total) return;
-  int64_t n, c;
-  elem_nc(sh, e, n, c);
-  const int64_t ng = n * sh.G + c / (sh.C / sh.G);
-  const Grads r = grads_at<T, SILU, SPATIAL>(grad, x, sh, sp, e, n, c, mean[ng], rstd[ng], weight, bias);
-  grad_x[e] = from_float<T>(rstd[ng] * (r.g_hat - coef[2 * ng] - r.xh * coef[2 * ng + 1]));
+  const Elem el = elem(p.shape, e);
+  const int64_t ng = el.n * p.shape.G + el.c / (p.shape.C / p.shape.G);
+  const Grads r = grads_at<T, SILU, SPATIAL>(p, el);
+  static_cast<T*>(p.grad_x)[el.in(p.grad_x_strides)] =
+      from_float<T>(p.rstd[ng] * (r.g_hat - coef[2 * ng] - r.xh * coef[2 * ng + 1]));
 }
 
 // One block per channel: grad_weight[c] = sum g_pre * x_hat, grad_bias[c] = sum g_pre over (n, s).
 template <typename T, bool SILU, bool SPATIAL>
-__global__ void channel_grads_kernel(const T* __restrict__ grad, const T* __restrict__ x, NormShape sh,
-                                     const float* __restrict__ weight, const float* __restrict__ bias, SpatialArgs sp,
-                                     const float* __restrict__ mean, const float* __restrict__ rstd,
-                                     float* __restrict__ grad_weight, float* __restrict__ grad_bias) {
+__global__ void channel_grads_kernel(const GroupNormBwdParams p) {
   __shared__ float2 shared[kThreads];
-  const int64_t c = blockIdx.x, g = c / (sh.C / sh.G);
+  const int64_t c = blockIdx.x, S = p.shape.S;
   float2 s = {0.f, 0.f};
-  for (int64_t j = threadIdx.x; j < sh.N * sh.S; j += kThreads) {
-    const int64_t n = j / sh.S, p = j % sh.S;
-    const int64_t a = sh.channels_last ? (n * sh.S + p) * sh.C + c : (n * sh.C + c) * sh.S + p;
-    const Grads r =
-        grads_at<T, SILU, SPATIAL>(grad, x, sh, sp, a, n, c, mean[n * sh.G + g], rstd[n * sh.G + g], weight, bias);
+  for (int64_t j = threadIdx.x; j < p.shape.N * S; j += kThreads) {
+    const Grads r = grads_at<T, SILU, SPATIAL>(p, Elem{j / S, c, j % S});
     s.x = fmaf(r.g_pre, r.xh, s.x), s.y += r.g_pre;
   }
   s = block_reduce(s, shared, [](float2 a, const float2& b) { return float2{a.x + b.x, a.y + b.y}; });
-  if (threadIdx.x == 0) grad_weight[c] = s.x, grad_bias[c] = s.y;
+  if (threadIdx.x == 0) p.grad_weight[c] = s.x, p.grad_bias[c] = s.y;
 }
 
 // One thread per (n, c, j): grad_scale = sum g_act * norm, grad_shift = sum g_act over the positions p
 // with source[p] == j, in order of p.
 template <typename T, bool SILU>
-__global__ void down_sum_kernel(const T* __restrict__ grad, const T* __restrict__ x, NormShape sh,
-                                const float* __restrict__ weight, const float* __restrict__ bias, SpatialArgs sp,
-                                const float* __restrict__ mean, const float* __restrict__ rstd) {
+__global__ void down_sum_kernel(const GroupNormBwdParams p) {
+  const SpatialArgs& sp = p.spatial;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= sh.N * sh.C * sp.s) return;
-  const int64_t j = i % sp.s, c = (i / sp.s) % sh.C, n = i / (sp.s * sh.C);
-  const int64_t ng = n * sh.G + c / (sh.C / sh.G);
+  if (i >= p.shape.N * p.shape.C * sp.s) return;
+  const int64_t j = i % sp.s, c = (i / sp.s) % p.shape.C, n = i / (sp.s * p.shape.C);
   float gs = 0.f, gt = 0.f;
   for (int64_t q = sp.start[j]; q < sp.start[j + 1]; ++q) {
-    const int64_t p = sp.order[q];
-    const int64_t a = sh.channels_last ? (n * sh.S + p) * sh.C + c : (n * sh.C + c) * sh.S + p;
-    const Grads r = grads_at<T, SILU, true>(grad, x, sh, sp, a, n, c, mean[ng], rstd[ng], weight, bias);
+    const Grads r = grads_at<T, SILU, true>(p, Elem{n, c, sp.order[q]});
     gs = fmaf(r.g_act, r.norm, gs), gt += r.g_act;
   }
   sp.grad_scale[i] = gs;
   sp.grad_shift[i] = gt;
-}
-
-// Calls f(silu_tag, spatial_tag) with std::integral_constant<bool, ...> tags.
-template <typename F>
-void dispatch_flags(bool silu, bool spatial, F&& f) {
-  auto with_spatial = [&](auto silu_tag) {
-    if (spatial) {
-      f(silu_tag, std::true_type{});
-    } else {
-      f(silu_tag, std::false_type{});
-    }
-  };
-  if (silu) {
-    with_spatial(std::true_type{});
-  } else {
-    with_spatial(std::false_type{});
-  }
 }
 
 }  // namespace
@@ -279,51 +245,42 @@ int64_t group_norm_splits(const NormShape& sh) {
 
 int64_t group_norm_work_floats(const NormShape& sh) { return sh.N * sh.G * (3 * group_norm_splits(sh) + 2); }
 
-cudaError_t group_norm_act(DType dtype, const void* x, NormShape sh, const float* weight, const float* bias,
-                           const SpatialArgs* spatial, float eps, bool silu, void* y, float* mean, float* rstd,
-                           float* work, cudaStream_t stream) {
-  const SpatialArgs sp = spatial ? *spatial : SpatialArgs{};
+cudaError_t group_norm_act(const GroupNormFwdParams& p, cudaStream_t stream) {
+  const NormShape& sh = p.shape;
   const int64_t groups = sh.N * sh.G, total = sh.N * sh.C * sh.S, splits = group_norm_splits(sh);
   if (total == 0) return cudaSuccess;
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    stats_kernel<T><<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), sh, work);
+    stats_kernel<T><<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), kThreads, 0, stream>>>(p);
     stats_final_kernel<<<static_cast<unsigned>(ceil_div(groups, kThreads)), kThreads, 0, stream>>>(
-        work, groups, splits, sh.C / sh.G * sh.S, eps, mean, rstd);
-    dispatch_flags(silu, spatial != nullptr, [&](auto silu_tag, auto spatial_tag) {
+        p.work, groups, splits, sh.C / sh.G * sh.S, p.eps, p.mean, p.rstd);
+    with_flags(p.silu, p.spatial.scale != nullptr, [&](auto silu_tag, auto spatial_tag) {
       apply_kernel<T, decltype(silu_tag)::value, decltype(spatial_tag)::value>
-          <<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0, stream>>>(
-              static_cast<const T*>(x), sh, weight, bias, sp, mean, rstd, static_cast<T*>(y), total);
+          <<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0, stream>>>(p, total);
     });
   });
 }
 
-cudaError_t group_norm_act_backward(DType dtype, const void* grad, const void* x, NormShape sh, const float* weight,
-                                    const float* bias, const SpatialArgs* spatial, const float* mean,
-                                    const float* rstd, bool silu, void* grad_x, float* grad_weight, float* grad_bias,
-                                    float* work, cudaStream_t stream) {
-  const SpatialArgs sp = spatial ? *spatial : SpatialArgs{};
+cudaError_t group_norm_act_backward(const GroupNormBwdParams& p, cudaStream_t stream) {
+  const NormShape& sh = p.shape;
+  const SpatialArgs& sp = p.spatial;
   const int64_t groups = sh.N * sh.G, total = sh.N * sh.C * sh.S, splits = group_norm_splits(sh);
   if (total == 0) return cudaSuccess;
-  float* coef = work + 2 * groups * splits;
-  return dispatch(dtype, [&](auto tag) {
+  float* coef = p.work + 2 * groups * splits;
+  return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* g = static_cast<const T*>(grad);
-    const T* xp = static_cast<const T*>(x);
-    dispatch_flags(silu, spatial != nullptr, [&](auto silu_tag, auto spatial_tag) {
+    with_flags(p.silu, sp.scale != nullptr, [&](auto silu_tag, auto spatial_tag) {
       constexpr bool S = decltype(silu_tag)::value, SP = decltype(spatial_tag)::value;
-      backward_stats_kernel<T, S, SP><<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), kThreads,
-                                        0, stream>>>(g, xp, sh, weight, bias, sp, mean, rstd, work);
+      backward_stats_kernel<T, S, SP>
+          <<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), kThreads, 0, stream>>>(p);
       backward_final_kernel<<<static_cast<unsigned>(ceil_div(groups, kThreads)), kThreads, 0, stream>>>(
-          work, groups, splits, sh.C / sh.G * sh.S, coef);
-      grad_x_kernel<T, S, SP><<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0, stream>>>(
-          g, xp, sh, weight, bias, sp, mean, rstd, coef, static_cast<T*>(grad_x), total);
-      channel_grads_kernel<T, S, SP><<<static_cast<unsigned>(sh.C), kThreads, 0, stream>>>(
-          g, xp, sh, weight, bias, sp, mean, rstd, grad_weight, grad_bias);
+          p.work, groups, splits, sh.C / sh.G * sh.S, coef);
+      grad_x_kernel<T, S, SP><<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0, stream>>>(p, coef,
+                                                                                                          total);
+      channel_grads_kernel<T, S, SP><<<static_cast<unsigned>(sh.C), kThreads, 0, stream>>>(p);
       if (SP && sh.N * sh.C * sp.s > 0) {
         down_sum_kernel<T, S><<<static_cast<unsigned>(ceil_div(sh.N * sh.C * sp.s, kThreads)), kThreads, 0, stream>>>(
-            g, xp, sh, weight, bias, sp, mean, rstd);
+            p);
       }
     });
   });

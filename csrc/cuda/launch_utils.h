@@ -1,9 +1,9 @@
-// Tensor-side helpers of csrc/cuda/*_launch.cpp: dtypes, row views (csrc/cpu/rows.h), the current
-// stream and launch errors.
+// Tensor-side helpers of csrc/cuda/*_launch.cpp: dtypes, in-place views (common/layout.h), the current
+// stream, launch errors and the code segments of deterministic scatters.
 #pragma once
 
-#include "cpu/rows.h"
-#include "cuda/launchers.h"
+#include "common/layout.h"
+#include "cuda/types.h"
 
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
@@ -18,9 +18,6 @@
 namespace vqfast {
 namespace cuda {
 
-// csrc/cuda/nearest_code_launch.cpp, also the search of vector_quantize_launch.cpp.
-at::Tensor nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook, int64_t dim);
-
 inline DType dtype_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat:
@@ -34,10 +31,24 @@ inline DType dtype_of(const at::Tensor& t, const char* name) {
   }
 }
 
-inline RowsView view_of(const Rows& r) { return {r.outer, r.inner, r.outer_stride, r.inner_stride, r.d_stride}; }
-
 inline CodebookView codebook_view(const at::Tensor& cb) {
   return {cb.const_data_ptr(), cb.size(0), cb.size(1), cb.stride(0), cb.stride(1)};
+}
+
+// The rows of t along dim, read in place (vqfast.native declines layouts that keep more than kMaxDims
+// dimensions once merged).
+inline Rows rows_in_place(const at::Tensor& t, int64_t dim, const char* name) {
+  Rows rows;
+  TORCH_CHECK(rows_of(t, dim, rows), name, ": more than ", kMaxDims, " dimensions remain once merged (strides ",
+              t.strides(), ")");
+  return rows;
+}
+
+inline Strided indices_in_place(const at::Tensor& indices, const char* name) {
+  TORCH_CHECK(indices.scalar_type() == at::kLong, name, ": indices must be int64");
+  Strided idx;
+  TORCH_CHECK(merge_dims(indices, -1, idx), name, ": more than ", kMaxDims, " index dimensions remain once merged");
+  return idx;
 }
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -53,7 +64,7 @@ struct CodeSegments {
   at::Tensor out, order, start;
   CodeSegments(const at::Tensor& index, int64_t K, int64_t D) {
     if (at::globalContext().deterministicAlgorithms()) {
-      auto sorted = at::sort(index, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      auto sorted = at::sort(index.reshape(-1), /*stable=*/true, /*dim=*/0, /*descending=*/false);
       order = std::get<1>(sorted);
       start = at::searchsorted(std::get<0>(sorted), at::arange(K + 1, index.options()));
       out = at::empty({K, D}, index.options().dtype(at::kFloat));

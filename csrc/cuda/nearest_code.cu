@@ -4,6 +4,8 @@
 // first index on ties, the first NaN distance winning (torch.argmin's rule). When rows alone would
 // leave SMs idle, the codebook is split among blocks (grid.y) and the splits' partial results are
 // combined in split order, which keeps both rules.
+#include "cuda/nearest_code.h"
+
 #include "cuda/common.cuh"
 
 #include <algorithm>
@@ -13,7 +15,7 @@ namespace vqfast {
 namespace cuda {
 namespace {
 
-constexpr int64_t kTileFloats = 8192;  // 32 KiB of shared memory: codes and their norms
+constexpr int64_t kTileFloats = kNearestCodeMaxD + 1;  // 32 KiB of shared memory: codes and their norms
 
 struct Best {
   float dist = INFINITY;
@@ -31,17 +33,19 @@ struct Best {
 
 // DC > 0: D known at compile time (the row stays in registers); DC == 0: D at run time.
 template <typename T, int DC>
-__global__ void search_kernel(const T* __restrict__ z, RowsView zr, const T* __restrict__ cb, int64_t K, int64_t D,
-                              int64_t cs0, int64_t cs1, int64_t codes_per_split, float* __restrict__ part_dist,
-                              int64_t* __restrict__ part_index, int64_t* __restrict__ out) {
+__global__ void search_kernel(const NearestCodeParams p, int64_t codes_per_split) {
   extern __shared__ float smem[];
+  const T* __restrict__ z = static_cast<const T*>(p.z);
+  const T* __restrict__ cb = static_cast<const T*>(p.cb.data);
+  const Rows& zr = p.z_rows;
+  const int64_t K = p.cb.K, D = p.cb.D, cs0 = p.cb.stride0, cs1 = p.cb.stride1;
   const int64_t tile = kTileFloats / (D + 1);
   float* codes = smem;
   float* norms = smem + tile * D;
-  const int64_t N = zr.outer * zr.inner;
+  const int64_t N = zr.count();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = row < N;
-  const T* zrow = z + (active ? row_offset(zr, row) : 0);
+  const T* zrow = z + (active ? zr.offset(row) : 0);
   float zreg[DC > 0 ? DC : 1];
   if constexpr (DC > 0) {
 #pragma unroll
@@ -81,10 +85,10 @@ __global__ void search_kernel(const T* __restrict__ z, RowsView zr, const T* __r
   }
   if (!active) return;
   if (gridDim.y == 1) {
-    out[row] = best.index;
+    p.out[row] = best.index;
   } else {
-    part_dist[blockIdx.y * N + row] = best.nan ? NAN : best.dist;
-    part_index[blockIdx.y * N + row] = best.index;
+    p.part_dist[blockIdx.y * N + row] = best.nan ? NAN : best.dist;
+    p.part_index[blockIdx.y * N + row] = best.index;
   }
 }
 
@@ -98,18 +102,15 @@ __global__ void combine_kernel(const float* __restrict__ part_dist, const int64_
 }
 
 template <typename T, int DC>
-void launch_search(const T* z, const RowsView& zr, const CodebookView& cb, int64_t splits, float* part_dist,
-                   int64_t* part_index, int64_t* out, cudaStream_t stream) {
-  const int64_t N = zr.outer * zr.inner;
-  const int64_t tile = kTileFloats / (cb.D + 1);
-  const size_t smem = static_cast<size_t>(tile * (cb.D + 1)) * sizeof(float);
-  const dim3 grid(static_cast<unsigned>(ceil_div(N, kThreads)), static_cast<unsigned>(splits));
-  search_kernel<T, DC><<<grid, kThreads, smem, stream>>>(z, zr, static_cast<const T*>(cb.data), cb.K, cb.D,
-                                                          cb.stride0, cb.stride1, ceil_div(cb.K, splits), part_dist,
-                                                          part_index, out);
-  if (splits > 1) {
-    combine_kernel<<<static_cast<unsigned>(ceil_div(N, kThreads)), kThreads, 0, stream>>>(part_dist, part_index, N,
-                                                                                           splits, out);
+void launch_search(const NearestCodeParams& p, cudaStream_t stream) {
+  const int64_t N = p.z_rows.count();
+  const int64_t tile = kTileFloats / (p.cb.D + 1);
+  const size_t smem = static_cast<size_t>(tile * (p.cb.D + 1)) * sizeof(float);
+  const dim3 grid(static_cast<unsigned>(ceil_div(N, kThreads)), static_cast<unsigned>(p.splits));
+  search_kernel<T, DC><<<grid, kThreads, smem, stream>>>(p, ceil_div(p.cb.K, p.splits));
+  if (p.splits > 1) {
+    combine_kernel<<<static_cast<unsigned>(ceil_div(N, kThreads)), kThreads, 0, stream>>>(p.part_dist, p.part_index,
+                                                                                           N, p.splits, p.out);
   }
 }
 
@@ -124,17 +125,15 @@ int64_t nearest_code_splits(int64_t rows, int64_t K) {
   return std::max<int64_t>(1, std::min({want, ceil_div(K, 512), int64_t{65535}}));
 }
 
-cudaError_t nearest_code(DType dtype, const void* z, RowsView zr, CodebookView cb, int64_t splits,
-                         float* part_dist, int64_t* part_index, int64_t* out, cudaStream_t stream) {
-  if (zr.outer * zr.inner == 0) return cudaSuccess;
-  if (cb.D > kTileFloats - 1) return cudaErrorInvalidValue;  // a codebook row must fit the shared tile
-  return dispatch(dtype, [&](auto tag) {
+cudaError_t nearest_code(const NearestCodeParams& p, cudaStream_t stream) {
+  if (p.z_rows.count() == 0) return cudaSuccess;
+  if (p.cb.D > kNearestCodeMaxD) return cudaErrorInvalidValue;
+  return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* zp = static_cast<const T*>(z);
-    if (cb.D == 4) {  // VQ-GAN / MoVQ latents
-      launch_search<T, 4>(zp, zr, cb, splits, part_dist, part_index, out, stream);
+    if (p.cb.D == 4) {  // VQ-GAN / MoVQ latents
+      launch_search<T, 4>(p, stream);
     } else {
-      launch_search<T, 0>(zp, zr, cb, splits, part_dist, part_index, out, stream);
+      launch_search<T, 0>(p, stream);
     }
   });
 }

@@ -1,4 +1,4 @@
-// CPU kernels shared between ops (vector_quantize reuses the codebook search).
+// nearest_code on the CPU (nearest_code.cpp), also the search of vector_quantize.cpp.
 #pragma once
 
 #include <ATen/core/Tensor.h>
