@@ -4,7 +4,6 @@ in their own strides."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -22,18 +21,30 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-@functools.lru_cache(maxsize=64)
+# (big, small, device) -> nearest_source's table: a model meets a handful of sizes, so they are kept.
+# A plain dict rather than functools.lru_cache, which torch.compile warns it cannot honour.
+_SOURCES: dict[tuple, torch.Tensor] = {}
+
+
 def nearest_source(big: tuple[int, ...], small: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """int64 (prod(big),): for each row-major spatial position of a ``big`` grid, the row-major position
-    in the ``small`` grid that nearest upsampling copies from, exactly as ``F.interpolate`` picks it.
-    A model meets a handful of sizes, so the tables are kept."""
+    in the ``small`` grid that nearest upsampling copies from, exactly as ``F.interpolate`` picks it."""
+    key = (big, small, device)
+    if key not in _SOURCES:
+        if len(_SOURCES) >= 64:
+            _SOURCES.clear()
+        _SOURCES[key] = _nearest_source(big, small).to(device)
+    return _SOURCES[key]
+
+
+def _nearest_source(big: tuple[int, ...], small: tuple[int, ...]) -> torch.Tensor:
     if math.prod(big) == 0:
-        return torch.empty(0, dtype=torch.long, device=device)
+        return torch.empty(0, dtype=torch.long)
     flat = torch.zeros((), dtype=torch.long)
     for high, low in zip(big, small):
         source = F.interpolate(torch.arange(low, dtype=torch.float32)[None, None], size=high, mode="nearest")
         flat = flat[..., None] * low + source.view(-1).long()
-    return flat.reshape(math.prod(big)).to(device)
+    return flat.reshape(math.prod(big))
 
 
 # --- stride mergers: tensors' dims as few (size, stride) pairs as memory allows, no copies ---------
@@ -90,9 +101,8 @@ def rows_along(dim: int, *tensors: torch.Tensor) -> tuple[RowShape, list[RowStri
     """The vectors along ``dim`` of same-shaped tensors as flat rows, in the order of
     ``t.movedim(dim, -1)``: see :func:`row_layout`."""
     batch = [i for i in range(tensors[0].dim()) if i != dim]
-    return row_layout(
-        [tensors[0].shape[i] for i in batch], [[t.stride(i) for i in batch] for t in tensors], [t.stride(dim) for t in tensors]
-    )
+    strides = [[t.stride(i) for i in batch] for t in tensors]
+    return row_layout([tensors[0].shape[i] for i in batch], strides, [t.stride(dim) for t in tensors])
 
 
 class NormStrides(NamedTuple):

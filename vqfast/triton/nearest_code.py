@@ -2,8 +2,8 @@
 (N, D) or any strides), the codebook streamed in tiles, a running (min, argmin) per row in registers,
 never the N x K distance matrix.
 
-Distances are ``||c||^2 - 2 <z, c>`` accumulated in float32 (the reference's rule, non-finite input
-included): NaN counts as the minimum and ties go to the lowest index, as ``torch.argmin``. Vectors of up
+Distances are ``||c||^2 - 2 <z, c>`` accumulated in float32, ties and NaN as :mod:`vqfast.ops.nearest_code`
+states. Vectors of up
 to ``SMALL_D`` elements go through FMAs on the CUDA cores; longer ones through ``tl.dot``, whose float32
 accumulation of float16/bfloat16 products is exact in the products; float32 input uses IEEE float32
 unless a tensor-core mode is chosen with :func:`set_search_precision`.
@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from vqfast.triton import autotune, interpreting
+from vqfast import layout
+from vqfast.triton._common import autotune, dot, interpreting, row_offsets, unsupported_tensor
 
 SMALL_D = 16  # tl.dot needs an inner size of 16; below that FMAs waste no lanes on padding
 
@@ -58,76 +60,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return _precision if dtype == torch.float32 else "native"
 
 
-def row_layout(dim: int, *tensors: torch.Tensor) -> list[int] | None:
-    """``[size1, size2]``, then per tensor ``[stride0, stride1, stride2, stride_d]``: the vectors along
-    ``dim`` of same-shaped tensors as flat rows, in the order of ``t.movedim(dim, -1)``, for
-    ``row_offsets``. The other dims are merged where every tensor's memory allows; None when more than
-    three remain (a rank-5 or larger tensor with unmergeable strides)."""
-    merged: list[list[int]] = []  # [size, stride in each tensor]
-    for i, size in enumerate(tensors[0].shape):
-        if i == dim or size == 1:
-            continue
-        strides = [t.stride(i) for t in tensors]
-        if merged and all(outer == size * inner for outer, inner in zip(merged[-1][1:], strides)):
-            merged[-1] = [merged[-1][0] * size, *strides]
-        else:
-            merged.append([size, *strides])
-    if len(merged) > 3:
-        return None
-    merged = [[1] + [0] * len(tensors)] * (3 - len(merged)) + merged
-    layout = [merged[1][0], merged[2][0]]
-    for j, t in enumerate(tensors, start=1):
-        layout += [merged[0][j], merged[1][j], merged[2][j], t.stride(dim)]
-    return layout
+class Codebook(NamedTuple):
+    """The codebook as :func:`search` reads it."""
 
-
-def input_rows(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, list[int]]:
-    """An input tensor and its ``row_layout``: t itself, or a contiguous copy where it has none."""
-    layout = row_layout(dim, t)
-    if layout is None:
-        t = t.contiguous()
-        layout = row_layout(dim, t)
-    return t, layout
-
-
-@triton.jit
-def row_offsets(rows, size1, size2, stride0, stride1, stride2):
-    """Memory offsets of flat row indices over three batch dims of arbitrary strides."""
-    rest = rows // size2
-    return (rest // size1) * stride0 + (rest % size1) * stride1 + (rows % size2) * stride2
-
-
-@triton.jit
-def round_to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """float32 x rounded to ``dtype``, to nearest even as on the GPU (the interpreter truncates to
-    bfloat16: there the rounding is done on the bits)."""
-    if INTERPRET and dtype == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-    return x.to(dtype)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """``acc + a @ b`` accumulated in float32."""
-    if PRECISION == "bf16":
-        a = round_to(a, tl.bfloat16, INTERPRET)
-        b = round_to(b, tl.bfloat16, INTERPRET)
-    if INTERPRET:
-        # The interpreter multiplies bfloat16 as raw integers and ignores input_precision: multiply the
-        # operands' exact values in float32, truncated to TF32 as the tensor cores may do.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-        if PRECISION == "tf32":
-            a = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-            b = (b.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-        out = tl.dot(a, b, acc, input_precision="ieee")
-    elif PRECISION == "ieee":
-        out = tl.dot(a, b, acc, input_precision="ieee")
-    else:  # TF32 for float32 operands; exact products for 16-bit ones
-        out = tl.dot(a, b, acc, input_precision="tf32")
-    return out
+    codes: torch.Tensor  # (K, D), the op's codebook in its own strides and dtype (read by tl.dot)
+    transposed: torch.Tensor  # float32 (D, K) contiguous, read by the FMA path (SMALL); else the norms
+    norms: torch.Tensor  # float32 (K,): squared norms, the reference's expression bit for bit
+    stride_k: int  # of codes, per code
+    stride_d: int  # of codes, per element
 
 
 @triton.jit
@@ -136,11 +76,7 @@ def search(
     z_off,
     row_mask,
     stride_zd,
-    cb_ptr,
-    stride_ck,
-    stride_cd,
-    cbt_ptr,
-    cnorm_ptr,
+    codebook,
     K,
     D: tl.constexpr,
     SMALL: tl.constexpr,
@@ -150,10 +86,8 @@ def search(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Index (int32) of the nearest code for the BLOCK_N rows of z at offsets ``z_off``.
-
-    SMALL: FMAs over the float32 transposed codebook ``cbt`` (D, K); else ``tl.dot`` over D in chunks
-    of BLOCK_D on the codebook itself. ``cnorm`` holds the float32 squared norms of the codes."""
+    """Index (int32) of the nearest code of a :class:`Codebook` for the BLOCK_N rows of z at offsets
+    ``z_off``: with SMALL, FMAs over the transposed codebook; else ``tl.dot`` over D in chunks of BLOCK_D."""
     cols = tl.arange(0, BLOCK_K)
     ds = tl.arange(0, BLOCK_D)
     # Per (row, lane) minimum over the codes lane, lane + BLOCK_K, ...: elementwise in the loop, one
@@ -171,19 +105,19 @@ def search(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + cols
         k_mask = ks < K
-        dot = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         if SMALL:
             for d in tl.static_range(D):
                 z_d = tl.load(z_ptr + z_off + d * stride_zd, mask=row_mask, other=0.0).to(tl.float32)
-                c_d = tl.load(cbt_ptr + d * K + ks, mask=k_mask, other=0.0)
-                dot += z_d[:, None] * c_d[None, :]
+                c_d = tl.load(codebook.transposed + d * K + ks, mask=k_mask, other=0.0)
+                acc += z_d[:, None] * c_d[None, :]
         elif D <= BLOCK_D:
             c_tile = tl.load(
-                cb_ptr + ks[None, :] * stride_ck + ds[:, None] * stride_cd,
+                codebook.codes + ks[None, :] * codebook.stride_k + ds[:, None] * codebook.stride_d,
                 mask=k_mask[None, :] & (ds[:, None] < D),
                 other=0.0,
             )
-            dot = _dot(z_tile, c_tile, dot, PRECISION, INTERPRET)
+            acc = dot(z_tile, c_tile, acc, PRECISION, INTERPRET)
         else:
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + ds
@@ -193,12 +127,12 @@ def search(
                     other=0.0,
                 )
                 c_chunk = tl.load(
-                    cb_ptr + ks[None, :] * stride_ck + dd[:, None] * stride_cd,
+                    codebook.codes + ks[None, :] * codebook.stride_k + dd[:, None] * codebook.stride_d,
                     mask=k_mask[None, :] & (dd[:, None] < D),
                     other=0.0,
                 )
-                dot = _dot(z_chunk, c_chunk, dot, PRECISION, INTERPRET)
-        dist = tl.load(cnorm_ptr + ks, mask=k_mask, other=0.0)[None, :] - 2.0 * dot
+                acc = dot(z_chunk, c_chunk, acc, PRECISION, INTERPRET)
+        dist = tl.load(codebook.norms + ks, mask=k_mask, other=0.0)[None, :] - 2.0 * acc
         # Padding codes get +inf (not inf - 2 * (inf * 0) = NaN for a z holding inf): never below a
         # real code, and later in index on equality.
         dist = tl.where(k_mask[None, :], dist, float("inf"))
@@ -231,20 +165,12 @@ SEARCH_CONFIGS = [  # the first one also runs under the interpreter
 @triton.jit
 def _nearest_code_kernel(
     z_ptr,
-    cb_ptr,
-    cbt_ptr,
-    cnorm_ptr,
     out_ptr,
-    N,
-    K,
-    size1,
-    size2,
-    stride0,
-    stride1,
-    stride2,
-    stride_zd,
-    stride_ck,
-    stride_cd,
+    N,  # rows
+    K,  # codes
+    rows,  # layout.RowShape of z's rows
+    z_strides,  # layout.RowStrides of z
+    codebook,  # Codebook
     D: tl.constexpr,
     SMALL: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -253,25 +179,23 @@ def _nearest_code_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    z_off = row_offsets(rows, size1, size2, stride0, stride1, stride2)
+    row = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = row < N
+    z_off = row_offsets(row, rows, z_strides)
     index = search(
-        z_ptr, z_off, row_mask, stride_zd, cb_ptr, stride_ck, stride_cd, cbt_ptr, cnorm_ptr, K,
+        z_ptr, z_off, row_mask, z_strides.vector, codebook, K,
         D, SMALL, PRECISION, INTERPRET, BLOCK_N, BLOCK_K, BLOCK_D,
     )  # fmt: skip
-    tl.store(out_ptr + rows, index.to(tl.int64), mask=row_mask)
+    tl.store(out_ptr + row, index.to(tl.int64), mask=row_mask)
 
 
-def search_args(z: torch.Tensor, codebook: torch.Tensor) -> tuple[list, dict]:
-    """Launch arguments shared by the kernels that call :func:`search`: ``[codebook, cbt, cnorm, K,
-    stride_ck, stride_cd]`` and the constexprs."""
-    k, d = codebook.shape
+def search_args(z: torch.Tensor, codebook: torch.Tensor) -> tuple[Codebook, dict]:
+    """The :class:`Codebook` and the constexprs of the kernels that call :func:`search`."""
+    d = codebook.shape[1]
     cb32 = codebook.float()
-    cnorm = cb32.square().sum(1)  # the reference's expression: the same norms, bit for bit
+    norms = cb32.square().sum(1)  # the reference's expression: the same norms, bit for bit
     small = d <= SMALL_D
-    cbt = cb32.t().contiguous() if small else cnorm  # FMAs read codes along K; tl.dot reads codebook
-    args = [codebook, cbt, cnorm, k, *codebook.stride()]
+    transposed = cb32.t().contiguous() if small else norms  # FMAs read codes along K; tl.dot reads codes
     block_d = max(triton.next_power_of_2(d), 1) if small else min(max(triton.next_power_of_2(d), 16), 64)
     meta = dict(
         D=d,
@@ -280,7 +204,20 @@ def search_args(z: torch.Tensor, codebook: torch.Tensor) -> tuple[list, dict]:
         INTERPRET=interpreting(),
         BLOCK_D=block_d,
     )
-    return args, meta
+    return Codebook(codebook, transposed, norms, *codebook.stride()), meta
+
+
+def unsupported_rows(z: torch.Tensor, codebook: torch.Tensor, dim: int) -> str:
+    """Why the search kernels cannot take z and codebook, or "" (also for vector_quantize). Checking z
+    alone suffices: tensors made like z (``empty_like``, ``layout.memory_format``) merge where it does."""
+    reason = unsupported_tensor("z", z) or unsupported_tensor("codebook", codebook)
+    if not reason and z.numel() and layout.rows_along(dim, z) is None:
+        reason = "z's dims other than dim do not merge into three in memory (it would need a copy)"
+    return reason
+
+
+def unsupported(inputs) -> str:
+    return unsupported_rows(inputs.z, inputs.codebook, inputs.dim)
 
 
 def forward(z: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Tensor:
@@ -288,8 +225,8 @@ def forward(z: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Tensor:
     n = out.numel()
     if n == 0:
         return out
-    z, layout = input_rows(z, dim)
-    (cb, cbt, cnorm, k, stride_ck, stride_cd), meta = search_args(z, codebook)
+    rows, (z_strides,) = layout.rows_along(dim, z)
+    codebook_args, meta = search_args(z, codebook)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _nearest_code_kernel[grid](z, cb, cbt, cnorm, out, n, k, *layout, stride_ck, stride_cd, **meta)
+    _nearest_code_kernel[grid](z, out, n, codebook.shape[0], rows, z_strides, codebook_args, **meta)
     return out
