@@ -30,20 +30,6 @@ def _arguments(op: str) -> tuple[str, ...] | None:
     return names[0]
 
 
-def _merged(sizes, strides) -> list[tuple[int, int]]:
-    """(size, stride) of the dimensions left once size-1 ones are dropped and evenly stepping
-    neighbours merged, as csrc/common/layout.h merge_dims reads a tensor."""
-    dims: list[list[int]] = []
-    for size, stride in zip(sizes, strides):
-        if size == 1:
-            continue
-        if dims and dims[-1][1] == stride * size:
-            dims[-1] = [dims[-1][0] * size, stride]
-        else:
-            dims.append([size, stride])
-    return [(size, stride) for size, stride in dims]
-
-
 def _runs(op: str, inputs, t: torch.Tensor) -> str:
     """Why the build cannot run op on inputs, whose main tensor is t, judged by build, device and dtype."""
     if ARGUMENTS[op] != inputs._fields:
@@ -60,7 +46,7 @@ def _runs(op: str, inputs, t: torch.Tensor) -> str:
 def _rows(name: str, t: torch.Tensor, dim: int) -> str:
     """Why the rows of t along dim cannot be read in place."""
     rest = [i for i in range(t.dim()) if i != dim]
-    if len(_merged([t.shape[i] for i in rest], [t.stride(i) for i in rest])) > MAX_DIMS:
+    if len(layout.merge_dims([t.shape[i] for i in rest], [[t.stride(i) for i in rest]])) > MAX_DIMS:
         return f"{name}'s layout keeps more than {MAX_DIMS} dimensions once merged"
     return ""
 
@@ -89,7 +75,7 @@ def codebook_gather_unsupported(inputs) -> str:
         return reason
     if indices.dtype != torch.int64:
         return "indices must be int64"
-    if len(_merged(indices.shape, indices.stride())) > MAX_DIMS:
+    if len(layout.merge_dims(indices.shape, [indices.stride()])) > MAX_DIMS:
         return f"indices' layout keeps more than {MAX_DIMS} dimensions once merged"
     return ""
 
@@ -104,8 +90,8 @@ def group_norm_act_unsupported(inputs) -> str:
     # and gradient are then channels-first too.
     if x.is_contiguous() or layout.memory_format(x) != torch.contiguous_format:
         return ""
-    spatial = _merged(x.shape[2:], x.stride()[2:])
-    if not spatial or (len(spatial) == 1 and spatial[0][1] == 1):
+    spatial = layout.merge_dims(x.shape[2:], [x.stride()[2:]])
+    if not spatial or (len(spatial) == 1 and spatial[0][1] == (1,)):
         return ""
     return f"x's strides {x.stride()} are neither channels-first runs nor channels_last"
 
