@@ -31,11 +31,13 @@ NEAR_TIE = 1e-5
 # of one channel per group removes); so the scale is never below 1% of the model's largest gradient.
 GRAD_RTOL = 1e-4
 GRAD_SCALE_FLOOR = 1e-2
+# float64 rounding (1e-16) amplified as the float32 bounds above allow: outputs and gradients alike.
+FLOAT64_RTOL = 1e-10
 
 
-def images(config: dict, seed: int = 1) -> torch.Tensor:
+def images(config: dict, seed: int = 1, size: int = SIZE) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(BATCH, config.get("in_channels", 3), SIZE, SIZE, generator=generator)
+    return torch.randn(BATCH, config.get("in_channels", 3), size, size, generator=generator)
 
 
 def assert_same_or_near_tie(z: torch.Tensor, codebook: torch.Tensor, ours: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -156,6 +158,26 @@ def test_lookup_from_codebook(config, pair, output_rtol, assert_matches):
     assert torch.equal(out.commit_loss, expected.commit_loss)  # int64 zeros: diffusers uses h's dtype
 
 
+def test_lookup_errors_name_the_argument(tiny_configs):
+    """Float latents where decode (lookup_from_codebook) or get_codebook_entry take indices, and shapes that
+    do not fit the indices or the codebook, get errors naming the argument (diffusers names the dtype)."""
+    model = vqfast.VQModel(**tiny_configs["group"], lookup_from_codebook=True)
+    channels = model.config.latent_channels
+    indices = torch.randint(0, model.config.num_vq_embeddings, (2, 4, 4))
+    shape = (2, 4, 4, channels)
+    with pytest.raises(TypeError, match=r"h must hold integer codebook indices, got torch.float32"):
+        model.decode(torch.randn(2, channels, 4, 4), force_not_quantize=True, shape=shape)
+    with pytest.raises(ValueError, match=r"decode needs shape="):
+        model.decode(indices, force_not_quantize=True)
+    get_codebook_entry = model.quantize.get_codebook_entry
+    with pytest.raises(TypeError, match=r"indices must hold integer codebook indices, got torch.float16"):
+        get_codebook_entry(indices.half(), shape)
+    for wrong in ((2, 4, 4, channels + 1), (2, 4, 5, channels), (2, 16, channels)):
+        with pytest.raises(ValueError, match=r"shape must be \(batch, height, width, 4\)"):
+            get_codebook_entry(indices.flatten(), wrong)
+    assert get_codebook_entry(indices.flatten(), list(shape)).shape == (2, channels, 4, 4)
+
+
 def training_step(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One step's loss (reconstruction + commitment), its indices and every parameter's gradient."""
     model.zero_grad()
@@ -167,12 +189,12 @@ def training_step(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return loss.detach(), indices, {name: p.grad for name, p in model.named_parameters()}
 
 
-def assert_gradients_match(grads: dict, ref_grads: dict, assert_matches) -> None:
+def assert_gradients_match(grads: dict, ref_grads: dict, assert_matches, rtol: float = GRAD_RTOL) -> None:
     assert grads.keys() == ref_grads.keys()
     floor = GRAD_SCALE_FLOOR * max(g.abs().max().item() for g in ref_grads.values())
     for name, grad in grads.items():
         scale = max(ref_grads[name].abs().max().item(), floor)
-        assert_matches(grad, ref_grads[name], rtol=GRAD_RTOL, scale=scale, msg=name)
+        assert_matches(grad, ref_grads[name], rtol=rtol, scale=scale, msg=name)
 
 
 def test_training_step_gradients(config, pair, assert_matches, model_backend):
@@ -232,6 +254,55 @@ def test_vector_quantizer(legacy, sane_index_shape, assert_matches):
     assert torch.equal(got["indices"], expected["indices"]) and torch.equal(got["z_q"], expected["z_q"])
     for name in ("loss", "grad_z", "grad_codebook"):
         assert_matches(got[name], expected[name], msg=name)
+
+
+def test_float64(tiny_config, make_pair, assert_matches):
+    """A float64 model, converted from a float64 diffusers model or made with .double(), runs where
+    diffusers does and matches it to float64 rounding, gradients included (auto passes float64 on to
+    a backend that has it)."""
+    ref, ours = make_pair(tiny_config)
+    ref, ours = ref.double(), ours.double()
+    converted = vqfast.VQModel.from_diffusers(ref)
+    assert ours.dtype == converted.dtype == torch.float64
+    x = images(tiny_config, size=16)[:1].double()  # float64 convolutions are slow on the CPU
+    ref_loss, ref_indices, ref_grads = training_step(ref, x)
+    loss, indices, grads = training_step(converted, x)
+    assert torch.equal(indices, ref_indices)
+    assert_matches(loss, ref_loss, rtol=FLOAT64_RTOL)
+    assert_gradients_match(grads, ref_grads, assert_matches, rtol=FLOAT64_RTOL)
+    with torch.no_grad():
+        out, expected = ours(x), ref(x)
+    assert out.sample.dtype == out.commit_loss.dtype == torch.float64
+    assert_matches(out.sample, expected.sample, rtol=FLOAT64_RTOL)
+    assert_matches(out.commit_loss, expected.commit_loss, rtol=FLOAT64_RTOL)
+
+
+@torch.no_grad()
+def test_empty_batch(public_config, make_pair):
+    """Batch 0 gives empty outputs of the right shapes: MoVQ (every op, the spatial norm included) as
+    diffusers gives them, and with attention too, where diffusers' attention cannot reshape 0 elements."""
+    movq = public_config("tiny-random-kandinsky-v22-decoder-movq")
+    without_attention = {
+        **movq,
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "mid_block_add_attention": False,
+    }
+    for config, diffusers_runs in ((without_attention, True), (movq, False)):
+        ref, ours = make_pair(config)
+        x = images(config, size=16)
+        h = ours.encode(x).latents
+        assert ours.encode(x[:0]).latents.shape == (0, *h.shape[1:])
+        for force_not_quantize in (False, True):
+            out = ours.decode(h[:0], force_not_quantize=force_not_quantize)
+            assert out.sample.shape == (0, *ours.decode(h).sample.shape[1:])
+            # the mean of no elements is NaN (the quantizer's loss), as in diffusers; otherwise zeros of shape (0,)
+            assert out.commit_loss.isnan().item() if not force_not_quantize else out.commit_loss.shape == (0,)
+            if diffusers_runs:
+                expected = ref.decode(h[:0], force_not_quantize=force_not_quantize)
+                assert out.sample.shape == expected.sample.shape and out.sample.dtype == expected.sample.dtype
+                assert out.commit_loss.shape == expected.commit_loss.shape
+        assert ours(x[:0]).sample.shape == x[:0].shape
 
 
 @torch.no_grad()

@@ -1,6 +1,9 @@
 """vqfast's VQModel inside diffusers pipelines, swapped in with ``vqfast.patch_pipeline``: tiny random
 components (nothing from the hub), a fixed generator, the same images as with diffusers' own VQModel."""
 
+import json
+import sys
+
 import diffusers
 import numpy as np
 import pytest
@@ -163,3 +166,29 @@ def test_patch_pipeline_keeps_device_and_dtype(make_pair, dtype):
     assert type(pipe.vqvae) is vqfast.VQModel
     assert pipe.vqvae.dtype == dtype and pipe.vqvae.device == vqvae.device
     assert vqfast.patch_pipeline(pipe).vqvae is pipe.vqvae  # already vqfast: left alone
+
+
+def test_saved_patched_pipeline_loads_with_diffusers_alone(make_pair, monkeypatch, tmp_path):
+    """model_index.json of a patched pipeline names diffusers' VQModel (vqfast writes diffusers' files), so
+    diffusers loads the pipeline with vqfast unimportable; patching it again brings vqfast back."""
+    vqvae, _ = make_pair({"block_out_channels": [32], "latent_channels": 3})
+    unet = diffusers.UNet2DModel(
+        block_out_channels=(8,),
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+    pipe = vqfast.patch_pipeline(diffusers.LDMPipeline(vqvae=vqvae, unet=unet, scheduler=diffusers.DDIMScheduler()))
+    assert type(pipe.vqvae) is vqfast.VQModel
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["vqvae"] == ["diffusers", "VQModel"]
+
+    for name in [name for name in sys.modules if name.split(".")[0] == "vqfast"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import vqfast... now raises ImportError
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert type(loaded) is diffusers.LDMPipeline and type(loaded.vqvae) is diffusers.VQModel
+    for key, value in pipe.vqvae.state_dict().items():
+        assert torch.equal(loaded.vqvae.state_dict()[key], value), key
+    assert type(vqfast.patch_pipeline(loaded).vqvae) is vqfast.VQModel

@@ -1,5 +1,7 @@
 """diffusers' VectorQuantizer on vqfast's fused ops: same constructor, attributes, outputs and init."""
 
+import math
+
 import torch
 from torch import nn
 
@@ -50,7 +52,16 @@ class VectorQuantizer(nn.Module):
 
     def get_codebook_entry(self, indices: torch.LongTensor, shape: tuple[int, ...] | None) -> torch.Tensor:
         """Codebook rows for ``indices``: (*indices.shape, vq_embed_dim) when ``shape`` is None, otherwise an
-        NCHW latent for ``shape`` = (batch, height, width, channels)."""
+        NCHW latent for ``shape`` = (batch, height, width, vq_embed_dim)."""
         if shape is None:
             return codebook_gather(indices, self.embedding.weight)
+        # Checked here, as diffusers' view(shape) does, because reshaping first would hide what is wrong.
+        if indices.is_floating_point() or indices.is_complex():
+            raise TypeError(f"indices must hold integer codebook indices, got {indices.dtype}")
+        shape = tuple(shape)
+        if len(shape) != 4 or shape[-1] != self.vq_embed_dim or math.prod(shape[:-1]) != indices.numel():
+            raise ValueError(
+                f"shape must be (batch, height, width, {self.vq_embed_dim}) with batch * height * width equal to "
+                f"the {indices.numel()} indices, got {shape}"
+            )
         return codebook_gather(indices.reshape(shape[:-1]), self.embedding.weight, dim=1)

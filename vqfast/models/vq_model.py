@@ -98,10 +98,19 @@ class VQModel(ModelMixin, AutoencoderMixin, ConfigMixin):
         if not force_not_quantize:
             quant, commit_loss, _ = self.quantize(h)
         else:
-            quant = self.quantize.get_codebook_entry(h, shape) if self.config.lookup_from_codebook else h
+            quant = self._look_up(h, shape) if self.config.lookup_from_codebook else h
             commit_loss = h.new_zeros(h.shape[0])
         dec = self.decoder(self.post_quant_conv(quant), quant if self.config.norm_type == "spatial" else None)
         return DecoderOutput(sample=dec, commit_loss=commit_loss) if return_dict else (dec, commit_loss)
+
+    def _look_up(self, h: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:
+        """The NCHW latent of codebook indices ``h``, checked first so that float latents (decode called as
+        without lookup_from_codebook) get an error naming ``h`` rather than a reshape error."""
+        if h.is_floating_point() or h.is_complex():
+            raise TypeError(f"with lookup_from_codebook, h must hold integer codebook indices, got {h.dtype}")
+        if shape is None:
+            raise ValueError("with lookup_from_codebook, decode needs shape=(batch, height, width, vq_embed_dim)")
+        return self.quantize.get_codebook_entry(h, shape)
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor, ...]:
         """Encode, quantize and decode ``sample``: ``DecoderOutput(sample, commit_loss)``."""
