@@ -45,20 +45,19 @@ def peak_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return peak
 
 
-@pytest.fixture
-def native_ops() -> Iterator[None]:
-    """The model's memory on the kernels users get on the CPU: the torch reference's forward keeps
-    temporaries of its own (affine and SiLU out of place), which this test would count against the model."""
-    status = vqfast.backends()["native"]
+@pytest.fixture(params=["native", "torch"])
+def ops_backend(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The model on the kernels users get on the CPU, and on the reference (auto's fallback)."""
+    status = vqfast.backends()[request.param]
     if not status.available:
-        pytest.skip(f"the native backend is unavailable: {status.reason}")
-    with vqfast.use_backend("native"):
+        pytest.skip(f"the {request.param} backend is unavailable: {status.reason}")
+    with vqfast.use_backend(request.param):
         yield
 
 
 @pytest.mark.parametrize("stage", ["encode", "decode"])
 @torch.no_grad()
-def test_peak_memory_not_above_diffusers(stage, make_pair, native_ops):
+def test_peak_memory_not_above_diffusers(stage, make_pair, ops_backend):
     ref, ours = make_pair(CONFIG)
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     h = ref.encode(x).latents

@@ -60,9 +60,19 @@ def forward(x, num_groups, weight, bias, scale, shift, source, eps, silu):
     xf = x.to(acc)
     if not (xf.is_contiguous() or xf.is_contiguous(memory_format=torch.channels_last)):
         xf = xf.contiguous()  # native_group_norm takes NCHW or channels_last: the reference may copy
-    x_hat, mean, rstd = torch.native_group_norm(xf, None, None, n, c, math.prod(x.shape[2:]), num_groups, eps)
-    _, y = _pre_activation(x_hat, weight, bias, scale, shift, source)
-    return torch.empty_like(x).copy_(F.silu(y) if silu else y), mean, rstd
+    y, mean, rstd = torch.native_group_norm(xf, None, None, n, c, math.prod(x.shape[2:]), num_groups, eps)
+    # In place on the fresh normalized tensor, so the reference holds no more activations than diffusers.
+    if weight is not None:
+        y.mul_(_per_channel(weight, y))
+    if bias is not None:
+        y.add_(_per_channel(bias, y))
+    if scale is not None:
+        y.mul_(_up(scale, source, y)).add_(_up(shift, source, y))
+    if silu:
+        F.silu(y, inplace=True)
+    if y.dtype == x.dtype and y.stride() == x.stride():
+        return y, mean, rstd
+    return torch.empty_like(x).copy_(y), mean, rstd
 
 
 def backward(grad, x, weight, bias, scale, shift, source, mean, rstd, silu):
