@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench clean nvcc-check cuda-host-asan cuda-host-tsan
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,27 @@ setup: $(PY)
 
 test: nvcc-check setup
 	$(PY) -m pytest -q
+	$(MAKE) cuda-host-asan
+
+# The CUDA kernels' host build (vqfast._C_cuda_host, csrc/host/) rebuilt under sanitizers, standing in for
+# compute-sanitizer where no GPU is: AddressSanitizer + UBSan (out-of-bounds, misaligned or overflowing
+# index arithmetic; CI runs it with make test) and ThreadSanitizer (a missing __syncthreads: a race between
+# emulated threads). Each builds into its own folder and runs tests/test_cuda_host.py on that build.
+SANITIZE_BUILD = VQFAST_CUDA_HOST_SANITIZE=$(1) $(PY) setup.py -q build_ext --build-lib build/$(2) --build-temp build/$(2)/tmp
+SANITIZED_LIBRARY = VQFAST_CUDA_HOST_LIBRARY="$$(ls build/$(1)/vqfast/_C_cuda_host*.so)"
+
+cuda-host-asan: setup
+	$(call SANITIZE_BUILD,address$(COMMA)undefined,asan)
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
+		$(call SANITIZED_LIBRARY,asan) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_cuda_host.py
+
+cuda-host-tsan: setup
+	$(call SANITIZE_BUILD,thread,tsan)
+	TSAN_OPTIONS=halt_on_error=1 LD_PRELOAD="$$($(CXX) -print-file-name=libtsan.so)" \
+		$(call SANITIZED_LIBRARY,tsan) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_cuda_host.py
+
+COMMA := ,
 
 # The bench extra: its requirements, as installed vqfast's metadata lists them, without the second build
 # of vqfast that `pip install -e ".[bench]"` would make. Then the runner; its options go in ARGS, e.g.

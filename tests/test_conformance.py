@@ -60,6 +60,7 @@ TOLERANCE: dict[str, dict[torch.dtype, Tolerance]] = {
     },
     "triton": _KERNEL,
     "native": _KERNEL,
+    "cuda_host": _KERNEL,
 }
 
 # The registry op a public op's selection names: spatial_norm_act lowers to group_norm_act.
@@ -393,12 +394,12 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _large_call(op: str, layout: str, device: str):
+def _large_call(op: str, layout: str, device: str, emulated: bool):
     """(the main input in ``layout``, a call of ``op`` on it, the tensors to differentiate): 1 MiB of
-    float32 or 512 KiB of indices (1/16 of that under the interpreter, which is slow), against small
-    codebooks and parameters."""
+    float32 or 512 KiB of indices (1/16 of that for an emulated backend: the Triton interpreter or the
+    CUDA kernels' host build, which are slow), against small codebooks and parameters."""
     g = torch.Generator().manual_seed(0)
-    side = 16 if INTERPRETED else 64
+    side = 16 if emulated else 64
 
     def leaf(*shape, grad=True):
         return torch.randn(shape, generator=g).to(device).requires_grad_(grad)
@@ -432,7 +433,7 @@ def test_no_hidden_copy(op: str, backend: str, layout: str, device: str):
     input (z, x, indices, the output gradient) whole: what a call allocates stays below its outputs
     plus half the input. The torch backend is exempt: it is the readable answer, not a fast path, and
     copies where that reads more simply."""
-    main, call, leaves = _large_call(op, layout, device)
+    main, call, leaves = _large_call(op, layout, device, emulated=INTERPRETED or backend == "cuda_host")
 
     def cotangents(outputs):
         grads = [torch.ones_like(o) for o in outputs if o.is_floating_point()]

@@ -5,7 +5,9 @@ The registry is one table, op -> backend -> :class:`Implementation`. Each backen
 
 - ``torch``: :mod:`vqfast.reference`, plain PyTorch, the answer tests trust;
 - ``triton``: :mod:`vqfast.triton` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``);
-- ``native``: :mod:`vqfast.native`, the compiled extension ``vqfast._C`` (csrc/).
+- ``native``: :mod:`vqfast.native`, the compiled extension ``vqfast._C`` (csrc/);
+- ``cuda_host``: :mod:`vqfast.cuda_host`, the CUDA kernels of csrc/cuda built for the host and run on CPU
+  tensors by emulated blocks and threads (csrc/host/): for tests only, ``auto`` never picks it.
 
 A package is imported when a backend is first needed, so ``import vqfast`` never imports triton.
 
@@ -35,7 +37,7 @@ from typing import Any, NamedTuple
 import torch
 
 OPS = ("nearest_code", "group_norm_act", "vector_quantize", "codebook_gather")
-BACKENDS = ("torch", "triton", "native")
+BACKENDS = ("torch", "triton", "native", "cuda_host")
 
 
 class Implementation(NamedTuple):
@@ -72,10 +74,17 @@ def _native() -> Mapping[str, Implementation]:
     return IMPLEMENTATIONS
 
 
+def _cuda_host() -> Mapping[str, Implementation]:
+    from vqfast.cuda_host import IMPLEMENTATIONS
+
+    return IMPLEMENTATIONS
+
+
 _LOADERS: dict[str, Callable[[], Mapping[str, Implementation]]] = {
     "torch": _torch,
     "triton": _triton,
     "native": _native,
+    "cuda_host": _cuda_host,
 }
 
 
@@ -95,7 +104,7 @@ def _load(backend: str) -> tuple[Mapping[str, Implementation], str]:
     try:
         return _LOADERS[backend](), ""
     except ImportError as exc:
-        return {}, f"vqfast.{'reference' if backend == 'torch' else backend} could not be imported: {exc}"
+        return {}, f"its package could not be imported: {exc}"
 
 
 def registry() -> dict[str, dict[str, Implementation]]:

@@ -45,7 +45,7 @@ cudaError_t codebook_gather(const CodebookGatherParams& p, cudaStream_t stream) 
   if (total == 0) return cudaSuccess;
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    gather_kernel<T><<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0, stream>>>(p, total);
+    launch(gather_kernel<T>, static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0, stream, p, total);
   });
 }
 

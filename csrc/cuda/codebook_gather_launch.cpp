@@ -12,11 +12,11 @@ namespace cuda {
 namespace {
 
 at::Tensor codebook_gather_cuda(const at::Tensor& indices, const at::Tensor& codebook, int64_t dim) {
-  TORCH_CHECK(indices.is_cuda() && codebook.device() == indices.device(),
+  TORCH_CHECK(on_device(indices) && codebook.device() == indices.device(),
               "codebook_gather: tensors on one CUDA device expected");
   TORCH_CHECK(codebook.dim() == 2, "codebook_gather: codebook must be (K, D)");
   TORCH_CHECK(0 <= dim && dim <= indices.dim(), "codebook_gather: dim must be in [0, indices.dim()]");
-  const c10::cuda::CUDAGuard guard(codebook.device());
+  const DeviceGuard guard(codebook.device());
   std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
   shape.insert(shape.begin() + dim, codebook.size(1));
   at::Tensor out = at::empty(shape, codebook.options());
@@ -33,11 +33,11 @@ at::Tensor codebook_gather_cuda(const at::Tensor& indices, const at::Tensor& cod
 
 at::Tensor codebook_gather_backward_cuda(const at::Tensor& grad, const at::Tensor& indices, int64_t num_codes,
                                          int64_t dim) {
-  TORCH_CHECK(grad.is_cuda() && indices.device() == grad.device(),
+  TORCH_CHECK(on_device(grad) && indices.device() == grad.device(),
               "codebook_gather_backward: tensors on one CUDA device expected");
   TORCH_CHECK(0 <= dim && dim < grad.dim() && grad.dim() == indices.dim() + 1,
               "codebook_gather_backward: grad must have indices' shape with D inserted at dim");
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const DeviceGuard guard(grad.device());
   CodebookGatherBwdParams p{};
   p.dtype = dtype_of(grad, "codebook_gather_backward");
   p.grad = grad.const_data_ptr();
@@ -59,7 +59,7 @@ at::Tensor codebook_gather_backward_cuda(const at::Tensor& grad, const at::Tenso
 }  // namespace cuda
 }  // namespace vqfast
 
-TORCH_LIBRARY_IMPL(vqfast_C, CUDA, m) {
+VQFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("codebook_gather", &vqfast::cuda::codebook_gather_cuda);
   m.impl("codebook_gather_backward", &vqfast::cuda::codebook_gather_backward_cuda);
 }

@@ -13,15 +13,35 @@
 
 // Stops the kernel with cudaErrorAssert ("device-side assert triggered" in torch) when cond is false,
 // whatever NDEBUG says: the host never checks the data (no synchronisation), so this is the check.
-#define VQFAST_KERNEL_ASSERT(cond)                                                      \
-  do {                                                                                  \
-    if (!(cond)) __assert_fail(#cond, __FILE__, static_cast<unsigned>(__LINE__), __func__); \
+// The host build (csrc/host/cuda_device.h) defines VQFAST_ASSERT_FAIL to stop the emulated launch.
+#ifndef VQFAST_ASSERT_FAIL
+#define VQFAST_ASSERT_FAIL __assert_fail
+#endif
+#define VQFAST_KERNEL_ASSERT(cond)                                                             \
+  do {                                                                                         \
+    if (!(cond)) VQFAST_ASSERT_FAIL(#cond, __FILE__, static_cast<unsigned>(__LINE__), __func__); \
   } while (0)
 
 namespace vqfast {
 namespace cuda {
 
 constexpr int kThreads = 256;
+
+#ifdef __CUDACC__  // the host build (csrc/host/cuda_device.h) defines both to run blocks on host threads
+// kernel<<<grid, block, smem, stream>>>(args...): every launch goes through here, so one launcher source
+// serves nvcc and the host build.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  kernel<<<grid, block, smem, stream>>>(args...);
+}
+
+// The launch's dynamic shared memory (its smem bytes), 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared() {
+  extern __shared__ __align__(16) unsigned char vqfast_dynamic_shared[];
+  return reinterpret_cast<T*>(vqfast_dynamic_shared);
+}
+#endif
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

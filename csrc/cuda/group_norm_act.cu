@@ -251,12 +251,12 @@ cudaError_t group_norm_act(const GroupNormFwdParams& p, cudaStream_t stream) {
   if (total == 0) return cudaSuccess;
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    stats_kernel<T><<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), kThreads, 0, stream>>>(p);
-    stats_final_kernel<<<static_cast<unsigned>(ceil_div(groups, kThreads)), kThreads, 0, stream>>>(
-        p.work, groups, splits, sh.C / sh.G * sh.S, p.eps, p.mean, p.rstd);
+    launch(stats_kernel<T>, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), kThreads, 0, stream, p);
+    launch(stats_final_kernel, static_cast<unsigned>(ceil_div(groups, kThreads)), kThreads, 0, stream, p.work, groups,
+           splits, sh.C / sh.G * sh.S, p.eps, p.mean, p.rstd);
     with_flags(p.silu, p.spatial.scale != nullptr, [&](auto silu_tag, auto spatial_tag) {
-      apply_kernel<T, decltype(silu_tag)::value, decltype(spatial_tag)::value>
-          <<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0, stream>>>(p, total);
+      launch(apply_kernel<T, decltype(silu_tag)::value, decltype(spatial_tag)::value>,
+             static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0, stream, p, total);
     });
   });
 }
@@ -271,16 +271,16 @@ cudaError_t group_norm_act_backward(const GroupNormBwdParams& p, cudaStream_t st
     using T = decltype(tag);
     with_flags(p.silu, sp.scale != nullptr, [&](auto silu_tag, auto spatial_tag) {
       constexpr bool S = decltype(silu_tag)::value, SP = decltype(spatial_tag)::value;
-      backward_stats_kernel<T, S, SP>
-          <<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), kThreads, 0, stream>>>(p);
-      backward_final_kernel<<<static_cast<unsigned>(ceil_div(groups, kThreads)), kThreads, 0, stream>>>(
-          p.work, groups, splits, sh.C / sh.G * sh.S, coef);
-      grad_x_kernel<T, S, SP><<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0, stream>>>(p, coef,
-                                                                                                          total);
-      channel_grads_kernel<T, S, SP><<<static_cast<unsigned>(sh.C), kThreads, 0, stream>>>(p);
+      launch(backward_stats_kernel<T, S, SP>, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)),
+             kThreads, 0, stream, p);
+      launch(backward_final_kernel, static_cast<unsigned>(ceil_div(groups, kThreads)), kThreads, 0, stream, p.work,
+             groups, splits, sh.C / sh.G * sh.S, coef);
+      launch(grad_x_kernel<T, S, SP>, static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0, stream, p, coef,
+             total);
+      launch(channel_grads_kernel<T, S, SP>, static_cast<unsigned>(sh.C), kThreads, 0, stream, p);
       if (SP && sh.N * sh.C * sp.s > 0) {
-        down_sum_kernel<T, S><<<static_cast<unsigned>(ceil_div(sh.N * sh.C * sp.s, kThreads)), kThreads, 0, stream>>>(
-            p);
+        launch(down_sum_kernel<T, S>, static_cast<unsigned>(ceil_div(sh.N * sh.C * sp.s, kThreads)), kThreads, 0,
+               stream, p);
       }
     });
   });

@@ -38,10 +38,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(const at::Ten
                                                                    const OptTensor& weight, const OptTensor& bias,
                                                                    const OptTensor& scale, const OptTensor& shift,
                                                                    const OptTensor& source, double eps, bool silu) {
-  TORCH_CHECK(x.is_cuda(), "group_norm_act: CUDA tensor expected");
+  TORCH_CHECK(on_device(x), "group_norm_act: CUDA tensor expected");
   TORCH_CHECK(x.dim() >= 2 && num_groups > 0 && x.size(1) % num_groups == 0,
               "group_norm_act: x must be (N, C, *spatial) with C divisible by num_groups");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({x.size(0), num_groups}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({x.size(0), num_groups}, x.options().dtype(at::kFloat));
@@ -77,10 +77,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
     const at::Tensor& grad, const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& scale, const OptTensor& shift, const OptTensor& source, const at::Tensor& mean_in,
     const at::Tensor& rstd_in, bool silu) {
-  TORCH_CHECK(x.is_cuda() && grad.device() == x.device(), "group_norm_act_backward: CUDA tensors expected");
+  TORCH_CHECK(on_device(x) && grad.device() == x.device(), "group_norm_act_backward: CUDA tensors expected");
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
               "group_norm_act_backward: grad must have x's shape and dtype");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor gx = at::empty_like(x);
   at::Tensor gw = at::zeros({x.size(1)}, f32), gb = at::zeros({x.size(1)}, f32);
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
 }  // namespace cuda
 }  // namespace vqfast
 
-TORCH_LIBRARY_IMPL(vqfast_C, CUDA, m) {
+VQFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("group_norm_act", &vqfast::cuda::group_norm_act_cuda);
   m.impl("group_norm_act_backward", &vqfast::cuda::group_norm_act_backward_cuda);
 }

@@ -1,5 +1,5 @@
-// Tensor-side helpers of csrc/cuda/*_launch.cpp: dtypes, in-place views (common/layout.h), the current
-// stream, launch errors and the code segments of deterministic scatters.
+// Tensor-side helpers of csrc/cuda/*_launch.cpp: dtypes, in-place views (common/layout.h), the device,
+// the current stream, launch errors and the code segments of deterministic scatters.
 #pragma once
 
 #include "common/layout.h"
@@ -12,8 +12,11 @@
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
+#include <cuda_runtime_api.h>
+#ifndef VQFAST_CUDA_HOST
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace vqfast {
 namespace cuda {
@@ -51,7 +54,23 @@ inline Strided indices_in_place(const at::Tensor& indices, const char* name) {
   return idx;
 }
 
+#ifdef VQFAST_CUDA_HOST  // the host build (csrc/host/): the kernels run emulated, on CPU tensors
+constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+inline cudaStream_t stream() { return nullptr; }
+// The launchers' operator registrations: the same schemas under the cuda_host backend's namespace.
+#define VQFAST_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(vqfast_cuda_host, CPU, m)
+#else
+constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
+using DeviceGuard = c10::cuda::CUDAGuard;
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#define VQFAST_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(vqfast_C, CUDA, m)
+#endif
+
+// Whether t is on the device the kernels run on.
+inline bool on_device(const at::Tensor& t) { return t.device().type() == kDeviceType; }
 
 inline void check(cudaError_t err, const char* name) {
   TORCH_CHECK(err == cudaSuccess, name, ": CUDA launch failed: ", cudaGetErrorString(err));
@@ -63,7 +82,8 @@ inline void check(cudaError_t err, const char* name) {
 struct CodeSegments {
   at::Tensor out, order, start;
   CodeSegments(const at::Tensor& index, int64_t K, int64_t D) {
-    if (at::globalContext().deterministicAlgorithms()) {
+    // Without rows the sum is zero either way (and an empty sort's order has no data pointer).
+    if (at::globalContext().deterministicAlgorithms() && index.numel() > 0) {
       auto sorted = at::sort(index.reshape(-1), /*stable=*/true, /*dim=*/0, /*descending=*/false);
       order = std::get<1>(sorted);
       start = at::searchsorted(std::get<0>(sorted), at::arange(K + 1, index.options()));

@@ -34,7 +34,7 @@ struct Best {
 // DC > 0: D known at compile time (the row stays in registers); DC == 0: D at run time.
 template <typename T, int DC>
 __global__ void search_kernel(const NearestCodeParams p, int64_t codes_per_split) {
-  extern __shared__ float smem[];
+  float* smem = dynamic_shared<float>();
   const T* __restrict__ z = static_cast<const T*>(p.z);
   const T* __restrict__ cb = static_cast<const T*>(p.cb.data);
   const Rows& zr = p.z_rows;
@@ -107,10 +107,10 @@ void launch_search(const NearestCodeParams& p, cudaStream_t stream) {
   const int64_t tile = kTileFloats / (p.cb.D + 1);
   const size_t smem = static_cast<size_t>(tile * (p.cb.D + 1)) * sizeof(float);
   const dim3 grid(static_cast<unsigned>(ceil_div(N, kThreads)), static_cast<unsigned>(p.splits));
-  search_kernel<T, DC><<<grid, kThreads, smem, stream>>>(p, ceil_div(p.cb.K, p.splits));
+  launch(search_kernel<T, DC>, grid, kThreads, smem, stream, p, ceil_div(p.cb.K, p.splits));
   if (p.splits > 1) {
-    combine_kernel<<<static_cast<unsigned>(ceil_div(N, kThreads)), kThreads, 0, stream>>>(p.part_dist, p.part_index,
-                                                                                           N, p.splits, p.out);
+    launch(combine_kernel, static_cast<unsigned>(ceil_div(N, kThreads)), kThreads, 0, stream, p.part_dist,
+           p.part_index, N, p.splits, p.out);
   }
 }
 

@@ -13,13 +13,13 @@ namespace vqfast {
 namespace cuda {
 
 at::Tensor nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook, int64_t dim) {
-  TORCH_CHECK(z.is_cuda() && codebook.device() == z.device(), "nearest_code: tensors on one CUDA device expected");
+  TORCH_CHECK(on_device(z) && codebook.device() == z.device(), "nearest_code: tensors on one CUDA device expected");
   TORCH_CHECK(codebook.dim() == 2 && codebook.size(0) > 0, "nearest_code: codebook must be (K, D) with K > 0");
   TORCH_CHECK(z.scalar_type() == codebook.scalar_type(), "nearest_code: z and codebook dtypes differ");
   TORCH_CHECK(0 <= dim && dim < z.dim(), "nearest_code: dim must be in [0, z.dim())");
   TORCH_CHECK(z.size(dim) == codebook.size(1), "nearest_code: z's size along dim differs from codebook's D");
   TORCH_CHECK(codebook.size(1) <= kNearestCodeMaxD, "nearest_code: CUDA takes D <= ", kNearestCodeMaxD);
-  const c10::cuda::CUDAGuard guard(z.device());
+  const DeviceGuard guard(z.device());
   std::vector<int64_t> shape;
   for (int64_t i = 0; i < z.dim(); ++i)
     if (i != dim) shape.push_back(z.size(i));
@@ -47,4 +47,4 @@ at::Tensor nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook, in
 }  // namespace cuda
 }  // namespace vqfast
 
-TORCH_LIBRARY_IMPL(vqfast_C, CUDA, m) { m.impl("nearest_code", &vqfast::cuda::nearest_code_cuda); }
+VQFAST_CUDA_LIBRARY_IMPL(m) { m.impl("nearest_code", &vqfast::cuda::nearest_code_cuda); }

@@ -41,10 +41,11 @@ template <typename Code, typename RowValue>
 void scatter_rows(const ScatterParams& p, Code code, RowValue row_value, cudaStream_t stream) {
   if (p.order != nullptr) {
     if (p.K * p.D == 0) return;
-    scatter_sorted_kernel<<<static_cast<unsigned>(ceil_div(p.K * p.D, kThreads)), kThreads, 0, stream>>>(p, row_value);
+    launch(scatter_sorted_kernel<RowValue>, static_cast<unsigned>(ceil_div(p.K * p.D, kThreads)), kThreads, 0, stream,
+           p, row_value);
   } else if (p.N * p.D > 0) {
-    scatter_atomic_kernel<<<static_cast<unsigned>(ceil_div(p.N * p.D, kThreads)), kThreads, 0, stream>>>(p, code,
-                                                                                                        row_value);
+    launch(scatter_atomic_kernel<Code, RowValue>, static_cast<unsigned>(ceil_div(p.N * p.D, kThreads)), kThreads, 0,
+           stream, p, code, row_value);
   }
 }
 

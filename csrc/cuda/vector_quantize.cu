@@ -102,8 +102,8 @@ cudaError_t vector_quantize(const VectorQuantizeParams& p, cudaStream_t stream) 
   const int64_t blocks = vector_quantize_blocks(p.z_rows.count());
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (blocks > 0) forward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
-    loss_kernel<T><<<1, kThreads, 0, stream>>>(p, blocks);
+    if (blocks > 0) launch(forward_kernel<T>, static_cast<unsigned>(blocks), kThreads, 0, stream, p);
+    launch(loss_kernel<T>, 1, kThreads, 0, stream, p, blocks);
   });
 }
 
@@ -111,7 +111,7 @@ cudaError_t vector_quantize_backward(const VectorQuantizeBwdParams& p, cudaStrea
   const int64_t N = p.z_rows.count();
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (N > 0) backward_kernel<T><<<static_cast<unsigned>(ceil_div(N, kThreads)), kThreads, 0, stream>>>(p);
+    if (N > 0) launch(backward_kernel<T>, static_cast<unsigned>(ceil_div(N, kThreads)), kThreads, 0, stream, p);
     const ScatterParams s{N, p.order, p.start, p.cb.K, p.cb.D, p.cb_grad};
     scatter_rows(s, CodeOf{p.index}, CodeGradRow<T>{p}, stream);
   });

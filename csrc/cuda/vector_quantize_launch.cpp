@@ -16,7 +16,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize_cuda(const at::Tensor& z, const at::Tensor& codebook,
                                                                     double w_z, double w_q, int64_t dim) {
   at::Tensor indices = nearest_code_cuda(z, codebook, dim).reshape(-1);  // checks devices, dtypes, sizes, dim
-  const c10::cuda::CUDAGuard guard(z.device());
+  const DeviceGuard guard(z.device());
   at::Tensor z_q = at::empty_like(z);
   at::Tensor loss = at::empty({}, z.options());
   VectorQuantizeParams p{};
@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_backward_cuda(const at::Tenso
                                                                  const at::Tensor& grad_loss, const at::Tensor& z,
                                                                  const at::Tensor& codebook, const at::Tensor& indices,
                                                                  double w_z, double w_q, int64_t dim) {
-  TORCH_CHECK(z.is_cuda() && codebook.device() == z.device() && grad_z_q.device() == z.device() &&
+  TORCH_CHECK(on_device(z) && codebook.device() == z.device() && grad_z_q.device() == z.device() &&
                   grad_loss.device() == z.device() && indices.device() == z.device(),
               "vector_quantize_backward: tensors on one CUDA device expected");
   TORCH_CHECK(grad_z_q.sizes() == z.sizes() && grad_z_q.scalar_type() == z.scalar_type() &&
@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_backward_cuda(const at::Tenso
                   indices.numel() * z.size(dim) == z.numel(),
               "vector_quantize_backward: indices must be int64, contiguous, one per row of z");
   TORCH_CHECK(grad_loss.numel() == 1, "vector_quantize_backward: grad_loss must hold one value");
-  const c10::cuda::CUDAGuard guard(z.device());
+  const DeviceGuard guard(z.device());
   at::Tensor grad_z = at::empty_like(z);
   const at::Tensor g_loss = grad_loss.to(z.scalar_type());  // one element, read on the device
   CodeSegments seg(indices, codebook.size(0), codebook.size(1));
@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_backward_cuda(const at::Tenso
 }  // namespace cuda
 }  // namespace vqfast
 
-TORCH_LIBRARY_IMPL(vqfast_C, CUDA, m) {
+VQFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("vector_quantize", &vqfast::cuda::vector_quantize_cuda);
   m.impl("vector_quantize_backward", &vqfast::cuda::vector_quantize_backward_cuda);
 }

@@ -1,0 +1,316 @@
+"""The CUDA kernels (csrc/cuda/) run on the host (the cuda_host backend, csrc/host/) against the torch
+reference, op by op at the lowered signatures, forward and backward, in float32, float16 and bfloat16,
+on the layouts and edge cases the kernels treat apart: the D = 4 search and the run-time-D one, the
+codebook split over blocks (K > 512), the group reduction split (groups over 4096 elements), ties, NaN,
+batch 0, the deterministic and the atomic scatters, device-side asserts. The public ops on this backend
+are the conformance suite's."""
+
+import contextlib
+
+import pytest
+import torch
+
+from vqfast.layout import memory_format, nearest_source
+from vqfast.ops.codebook_gather import Inputs as GatherInputs
+from vqfast.ops.group_norm_act import Inputs as NormInputs
+from vqfast.ops.nearest_code import Inputs as NearestInputs
+from vqfast.ops.vector_quantize import Inputs as QuantizeInputs
+from vqfast.reference import IMPLEMENTATIONS as REFERENCE
+
+cuda_host = pytest.importorskip("vqfast.cuda_host", reason="vqfast._C_cuda_host is not built")
+HOST = cuda_host.IMPLEMENTATIONS
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DTYPES = (F32, F16, BF16)
+TOLERANCE = {F32: 1e-5, F16: 2e-3, BF16: 1.6e-2}  # float32 arithmetic in another order, then rounded
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = F32, layout: bool = False):
+    """Same dtype and shape (and strides, for outputs laid out like an input); values within the dtype's
+    tolerance relative to the largest finite expected magnitude; NaN where the reference has NaN."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if layout:
+        assert actual.stride() == expected.stride()
+    finite = expected[expected.isfinite()]
+    scale = max(float(finite.abs().max()), 1.0) if finite.numel() else 1.0
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * scale, equal_nan=True)
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def near_codes(seed, rows_shape, k, d, dtype, noise=0.05):
+    """(rows (*rows_shape, d), each near a random code; codebook (k, d)): the nearest codes are clear."""
+    g = _gen(seed)
+    codebook = torch.randn(k, d, generator=g) * 2
+    picks = torch.randint(k, rows_shape, generator=g)
+    rows = codebook[picks] + noise * torch.randn(*rows_shape, d, generator=g)
+    return rows.to(dtype), codebook.to(dtype)
+
+
+# z from rows (*rows_shape, D) with the code dimension at dim: rows_shape, make, dim.
+SEARCH_LAYOUTS = {
+    "nchw": ((2, 5, 7), lambda r: r.permute(0, 3, 1, 2).contiguous(), 1),
+    "channels_last": ((2, 5, 7), lambda r: r.permute(0, 3, 1, 2), 1),
+    "rows": ((37,), lambda r: r, 1),
+    "rows_transposed": ((37,), lambda r: r.t().contiguous().t(), 1),
+    "sliced": ((3, 9), lambda r: torch.cat([r, r], -1)[..., ::2], 2),
+}
+
+
+def search_case(layout, dtype, d=4, k=45, seed=1):
+    rows_shape, make, dim = SEARCH_LAYOUTS[layout]
+    rows, codebook = near_codes(seed, rows_shape, k, d, dtype)
+    return make(rows), codebook, dim
+
+
+def run_nearest(z, codebook, dim):
+    assert HOST["nearest_code"].unsupported(NearestInputs(z, codebook, dim)) == ""
+    return HOST["nearest_code"].forward(z, codebook, dim), REFERENCE["nearest_code"].forward(z, codebook, dim)
+
+
+# ------------------------------------------------------------------------------------- nearest_code
+
+
+@pytest.mark.parametrize("d", [4, 6])  # the kernel's compile-time D and its run-time D
+@pytest.mark.parametrize("layout", SEARCH_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nearest_code(dtype, layout, d):
+    actual, expected = run_nearest(*search_case(layout, dtype, d))
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("d", [4, 5])
+def test_nearest_code_split_codebook_keeps_first_tie(d):
+    """K = 1100: three blocks share each row block's codes, merged in order; duplicated codes in
+    different splits (k and k + 550) must give the first."""
+    rows, codebook = near_codes(2, (300,), 550, d, F32)
+    codebook = torch.cat([codebook, codebook])
+    actual, expected = run_nearest(rows, codebook, 1)
+    assert torch.equal(actual, expected) and int(actual.max()) < 550
+
+
+def test_nearest_code_equidistant_and_duplicates():
+    """z = 0 against +-e_i (every distance exactly 1: index 0), and rows equal to duplicated codes."""
+    z = torch.zeros(5, 8)
+    actual, expected = run_nearest(z, torch.cat([torch.eye(8), -torch.eye(8)]), 1)
+    assert torch.equal(actual, expected) and not actual.any()
+    codebook = torch.randn(20, 8, generator=_gen(3)).repeat(3, 1)
+    actual, expected = run_nearest(codebook[:20].clone(), codebook, 1)
+    assert torch.equal(actual, expected) and torch.equal(actual, torch.arange(20))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [40, 1100])  # one block per row block, and the split codebook
+def test_nearest_code_non_finite(dtype, k):
+    z, codebook = near_codes(4, (12,), k, 6, F32)
+    z[0, 1], z[1, 2], z[2, 0], z[3] = float("nan"), float("inf"), float("-inf"), float("inf")
+    codebook[5, 0], codebook[k - 3, 3] = float("nan"), float("-inf")
+    actual, expected = run_nearest(z.to(dtype), codebook.to(dtype), 1)
+    assert torch.equal(actual, expected)
+
+
+def test_nearest_code_empty():
+    z, codebook = torch.zeros(0, 4, 3, 3), torch.randn(16, 4)
+    actual, expected = run_nearest(z, codebook, 1)
+    assert actual.shape == expected.shape == (0, 3, 3)
+
+
+# ---------------------------------------------------------------------------------- vector_quantize
+
+
+def run_quantize(z, codebook, dim, dtype, seed=5):
+    """Forward and backward on the host and the reference, compared; indices equal."""
+    assert HOST["vector_quantize"].unsupported(QuantizeInputs(z, codebook, 1.0, 0.25, dim)) == ""
+    host = HOST["vector_quantize"].forward(z, codebook, 1.0, 0.25, dim)
+    ref = REFERENCE["vector_quantize"].forward(z, codebook, 1.0, 0.25, dim)
+    assert_matches(host[0], ref[0], dtype, layout=True)
+    assert_matches(host[1], ref[1], dtype)
+    assert torch.equal(host[2], ref[2])
+    g = _gen(seed)
+    grad_z_q = torch.randn(z.shape, generator=g).to(dtype).contiguous(memory_format=memory_format(z))
+    grad_loss = torch.tensor(1.5, dtype=dtype)
+    args = (grad_z_q, grad_loss, z, codebook, ref[2], 1.0, 0.25, dim)
+    for actual, expected in zip(HOST["vector_quantize"].backward(*args), REFERENCE["vector_quantize"].backward(*args)):
+        assert_matches(actual, expected, dtype, layout=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows_transposed", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vector_quantize(dtype, layout):
+    with deterministic(False):  # the atomic scatter
+        run_quantize(*search_case(layout, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vector_quantize_deterministic_is_reproducible(dtype):
+    """The sorted scatter (many rows per code) and more rows than one block; twice, bit for bit."""
+    z, codebook = near_codes(6, (700,), 9, 4, dtype)
+    with deterministic(True):
+        run_quantize(z, codebook, 1, dtype)
+        grads = [HOST["vector_quantize"].backward(z, torch.tensor(1.0, dtype=dtype), z, codebook,
+                                                  torch.zeros(700, dtype=torch.long), 1.0, 0.25, 1)[1]
+                 for _ in range(2)]
+    assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_vector_quantize_rounds_as_torch(dtype):
+    """z_q = z + (q - z) rounded after each operation equals torch's value bit for bit: the host's
+    float -> half / bfloat16 conversions (csrc/host/include/) round to nearest even as the device's do,
+    subnormals, ties and overflow to inf included."""
+    g = _gen(14)
+    magnitudes = 10.0 ** (torch.rand(4000, 3, generator=g) * 12 - 8)
+    z = (torch.randn(4000, 3, generator=g) * magnitudes).to(dtype)
+    codebook = (torch.randn(64, 3, generator=g) * 10.0 ** (torch.rand(64, 3, generator=g) * 9 - 4)).to(dtype)
+    z_q = HOST["vector_quantize"].forward(z, codebook, 1.0, 0.25, 1)[0]
+    torch.testing.assert_close(z_q, REFERENCE["vector_quantize"].forward(z, codebook, 1.0, 0.25, 1)[0],
+                               rtol=0, atol=0, equal_nan=True)
+
+
+def test_vector_quantize_empty():
+    z, codebook = torch.zeros(0, 4, 2, 2), torch.randn(8, 4)
+    z_q, loss, indices = HOST["vector_quantize"].forward(z, codebook, 1.0, 0.25, 1)
+    assert z_q.shape == z.shape and indices.shape == (0,) and loss.isnan()
+    run_quantize(z, codebook, 1, F32)
+
+
+# ----------------------------------------------------------------------------------- group_norm_act
+
+
+def norm_case(shape, dtype, channels_last=False, affine=True, spatial=False, seed=7):
+    """group_norm_act's lowered arguments on x (N, C, *spatial), and a gradient laid out as x."""
+    g = _gen(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    weight = torch.randn(c, generator=g) if affine else None
+    bias = torch.randn(c, generator=g) if affine else None
+    scale = shift = source = None
+    if spatial:
+        small = (shape[0], c, *(max(1, s // 3) for s in shape[2:]))
+        scale, shift = torch.randn(small, generator=g), torch.randn(small, generator=g)
+        source = nearest_source(tuple(shape[2:]), small[2:], x.device)
+    grad = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=memory_format(x))
+    return (x, 2, weight, bias, scale, shift, source), grad
+
+
+def run_norm(args, grad, dtype, silu):
+    inputs = NormInputs(*args, 1e-6, silu)
+    assert HOST["group_norm_act"].unsupported(inputs) == ""
+    host = HOST["group_norm_act"].forward(*inputs)
+    ref = REFERENCE["group_norm_act"].forward(*inputs)
+    assert_matches(host[0], ref[0], dtype, layout=True)
+    for actual, expected in zip(host[1:], ref[1:]):
+        assert_matches(actual, expected)  # the statistics, float32
+    x, _, weight, bias, scale, shift, source = args
+    bwd = (grad, x, weight, bias, scale, shift, source, ref[1], ref[2], silu)
+    host_grads = HOST["group_norm_act"].backward(*bwd)
+    ref_grads = REFERENCE["group_norm_act"].backward(*bwd)
+    assert_matches(host_grads[0], ref_grads[0], dtype, layout=True)
+    for actual, expected in zip(host_grads[1:], ref_grads[1:]):  # sums over many elements rounded in dtype
+        assert_matches(actual, expected, dtype)
+
+
+@pytest.mark.parametrize("spatial", [False, True], ids=["plain", "spatial"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_act(dtype, channels_last, spatial):
+    run_norm(*norm_case((2, 6, 5, 7), dtype, channels_last, spatial=spatial), dtype, silu=True)
+
+
+@pytest.mark.parametrize("affine,silu", [(False, False), (False, True), (True, False)])
+def test_group_norm_act_options(affine, silu):
+    run_norm(*norm_case((3, 4, 3, 5), F32, affine=affine, spatial=not affine), F32, silu)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_act_split_reduction(channels_last):
+    """Groups of 2 x 48 x 48 = 4608 elements: two blocks per group, combined in order."""
+    run_norm(*norm_case((1, 4, 48, 48), F32, channels_last, spatial=True), F32, silu=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (1, 4, 1, 1), (2, 4, 3, 2, 2)], ids=["no_spatial", "one", "3d"])
+def test_group_norm_act_ranks(shape):
+    run_norm(*norm_case(shape, F32), F32, silu=True)
+
+
+def test_group_norm_act_empty():
+    args, grad = norm_case((0, 4, 3, 3), F32, spatial=True)
+    run_norm(args, grad, F32, silu=True)
+
+
+# ---------------------------------------------------------------------------------- codebook_gather
+
+
+def run_gather(indices, codebook, dim, dtype):
+    assert HOST["codebook_gather"].unsupported(GatherInputs(indices, codebook, dim)) == ""
+    actual = HOST["codebook_gather"].forward(indices, codebook, dim)
+    expected = REFERENCE["codebook_gather"].forward(indices, codebook, dim)
+    assert torch.equal(actual, expected) and actual.is_contiguous()
+    grad = torch.randn(expected.shape, generator=_gen(8)).to(dtype)
+    k = codebook.shape[0]
+    for on in (False, True):
+        with deterministic(on):
+            assert_matches(HOST["codebook_gather"].backward(grad, indices, k, dim),
+                           REFERENCE["codebook_gather"].backward(grad, indices, k, dim), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "make,dim",
+    [(lambda g: torch.randint(30, (2, 5, 7), generator=g), 1),
+     (lambda g: torch.randint(30, (2, 5, 7), generator=g), 3),
+     (lambda g: torch.randint(30, (7, 5), generator=g).t(), 0),  # transposed
+     (lambda g: torch.randint(30, (1, 6), generator=g).expand(4, 6), 2),  # zero stride
+     (lambda g: torch.tensor(17), 0)],  # 0-d
+    ids=["nchw", "last", "transposed", "expanded", "scalar"],
+)
+def test_codebook_gather(dtype, make, dim):
+    codebook = torch.randn(30, 5, generator=_gen(9)).to(dtype)
+    run_gather(make(_gen(10)), codebook, dim, dtype)
+
+
+def test_codebook_gather_sliced_codebook():
+    codebook = torch.randn(30, 10, generator=_gen(11))[:, ::2]
+    run_gather(torch.randint(30, (3, 4), generator=_gen(12)), codebook, 2, F32)
+
+
+def test_codebook_gather_empty():
+    """Regression: an empty sort's order had no data pointer, so the deterministic backward took the
+    atomic form into an unzeroed buffer (garbage gradients)."""
+    run_gather(torch.zeros(0, 4, dtype=torch.long), torch.randn(30, 5), 1, F32)
+
+
+@pytest.mark.parametrize("bad", [30, -1])
+def test_out_of_range_index_stops_the_kernel(bad, capfd):
+    """The kernel's assertion fails (as a device-side assert would), the launch reports it, and the
+    next launch runs again."""
+    codebook = torch.randn(30, 5)
+    indices = torch.randint(30, (4, 100), generator=_gen(13))
+    indices[3, 77] = bad
+    with pytest.raises(RuntimeError, match="device-side assert triggered"):
+        HOST["codebook_gather"].forward(indices, codebook, 1)
+    assert "Assertion `k >= 0 && k < p.cb.K` failed" in capfd.readouterr().err
+    indices[3, 77] = 0
+    run_gather(indices, codebook, 1, F32)
+
+
+def test_unsupported():
+    z, codebook = torch.randn(4, 5), torch.randn(7, 5)
+    assert "float64" in HOST["nearest_code"].unsupported(NearestInputs(z.double(), codebook.double(), 1))
+    assert "CPU" in HOST["nearest_code"].unsupported(NearestInputs(z.to("meta"), codebook.to("meta"), 1))
+    wide = torch.randn(2, 8192)
+    assert "D <=" in HOST["vector_quantize"].unsupported(QuantizeInputs(wide, wide, 1.0, 0.25, 1))
