@@ -34,7 +34,7 @@ from benchmarks.peak import measure_peaks
 from benchmarks.progress import Progress, progress
 from benchmarks.report import Row
 from benchmarks.timing import Timing, measure, timed_call
-from vqfast.backend import BACKENDS
+from vqfast.backend import BACKENDS, EMULATED
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -103,9 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--backends",
         type=_choices(IMPLS),
-        default=list(IMPLS),
+        default=[impl for impl in IMPLS if impl not in EMULATED],
         help=f"what the ops compare, of {', '.join(IMPLS)} (vqfast backends run where available; eager "
-        "and compile also set the whole model's baselines); default all",
+        "and compile also set the whole model's baselines); default all but the emulated (cuda_host)",
     )
     p.add_argument("--models", type=_choices(MODELS), default=list(MODELS), help=f"of {', '.join(MODELS)}; default all")
     p.add_argument(

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from benchmarks.cases import BASELINES, LAYOUTS, OPS, build, implementation, make_cases, plan
-from vqfast.backend import BACKENDS
+from vqfast.backend import BACKENDS, EMULATED
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = ["float32", "bfloat16"] + ["float16"] * (DEVICE.type == "cuda")
 PARAMS = [
     pytest.param(case, impl, id=f"{case.label.replace(' ', '-')}-{impl}")
     for case in make_cases(list(OPS), None, DTYPES, list(LAYOUTS), quick=False)
-    for impl in plan(case, DEVICE, [*BACKENDS, *BASELINES])[0]
+    for impl in plan(case, DEVICE, [*(b for b in BACKENDS if b not in EMULATED), *BASELINES])[0]
 ]
 
 

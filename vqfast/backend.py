@@ -38,6 +38,7 @@ import torch
 
 OPS = ("nearest_code", "group_norm_act", "vector_quantize", "codebook_gather")
 BACKENDS = ("torch", "triton", "native", "cuda_host")
+EMULATED = ("cuda_host",)  # run GPU code on the CPU for tests: never picked by auto, never benchmarked
 
 
 class Implementation(NamedTuple):
