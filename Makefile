@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup test bench clean nvcc-check cuda-host-asan cuda-host-tsan
+.PHONY: setup test bench clean nvcc-check cuda-host-asan cuda-host-tsan gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ bench: setup
 	$(PY) -c 'import importlib.metadata as m; print(*(r.split(";")[0] for r in m.requires("vqfast") if "extra == \"bench\"" in r), sep="\n")' \
 		| xargs -d '\n' $(PIP) install
 	$(PY) -m benchmarks.run $(ARGS)
+
+# make gpu-check: everything a lent GPU should check, in one call of the device tool, with that machine's own
+# python3 (no venv, no network; diffusers travels as a wheel: benchmarks/gpu_check.py's docstring): build, the
+# CUDA tests, compute-sanitizer, the benchmarks, all into $$OUT in at most 8 files, in under 9 minutes.
+# DRY_RUN=1: the same steps on this CPU at tiny sizes, in .venv. Options in ARGS, e.g. ARGS="--skip bench".
+gpu-check: $(if $(filter 1,$(DRY_RUN)),setup)
+	DRY_RUN=$(DRY_RUN) $(if $(filter 1,$(DRY_RUN)),$(PY),$(PYTHON)) -m benchmarks.gpu_check $(ARGS)
 
 # Compile-checks every csrc/cuda/*.cu for sm_80 and sm_90 when nvcc is found, so a CUDA compile error
 # fails CI on a machine without a GPU. The .cu files include no torch headers.
