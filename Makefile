@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup test bench clean nvcc-check cuda-host-asan cuda-host-tsan gpu-check
+.PHONY: setup test bench clean nvcc-check cuda-host-asan cuda-host-tsan gpu-check resources
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,13 @@ bench: setup
 # DRY_RUN=1: the same steps on this CPU at tiny sizes, in .venv. Options in ARGS, e.g. ARGS="--skip bench".
 gpu-check: $(if $(filter 1,$(DRY_RUN)),setup)
 	DRY_RUN=$(DRY_RUN) $(if $(filter 1,$(DRY_RUN)),$(PY),$(PYTHON)) -m benchmarks.gpu_check $(ARGS)
+
+# Every Triton specialization the tests launch (recorded under the interpreter, autotune configs included)
+# compiled ahead of time for sm_90 and sm_80, and csrc/cuda/*.cu through nvcc -Xptxas -v: registers, spills
+# and shared memory per kernel into benchmarks/results/resources-sm80-sm90.{md,json}. Fails on a compile
+# error. Cached in build/ (a cold run takes over 20 minutes on 2 cores; make test AOT-compiles a subset).
+resources: setup
+	$(PY) -m benchmarks.resources
 
 # Compile-checks every csrc/cuda/*.cu for sm_80 and sm_90 when nvcc is found, so a CUDA compile error
 # fails CI on a machine without a GPU. The .cu files include no torch headers.

@@ -333,7 +333,8 @@ def test_cuda_split_plan_at_model_size():
 def _launches(monkeypatch) -> list[tuple]:
     """Launches of every kernel, recorded (not run) as ``(kernel, args, kwargs)``, from each op's forward
     and backward on small CPU tensors. One specialization per kernel, chosen so that together they take
-    every branch that changes the code: the FMA and the tl.dot search with bfloat16 rounding, atomics
+    every branch that changes the code: the FMA and the tl.dot search with bfloat16 rounding, whole and
+    split over the codebook, atomics
     and the segment sum with and without codes, fused and split norms, plain and spatial, with and
     without weights, one and two merged spatial dims."""
     from triton.runtime.jit import KernelInterface
@@ -343,6 +344,7 @@ def _launches(monkeypatch) -> list[tuple]:
     monkeypatch.setattr(KernelInterface, "__getitem__", record)
     nearest_code, group_norm_act, vector_quantize, codebook_gather = kernels()
     nearest_code.forward(torch.randn(2, 4, 8, 8), torch.randn(50, 4), 1)
+    nearest_code.forward(torch.randn(2, 4, 8, 8), torch.randn(200, 4), 1)  # the codebook split and merge
     z, codebook = torch.randn(2, 24, 8, 8, dtype=torch.bfloat16), torch.randn(50, 24, dtype=torch.bfloat16)
     indices = torch.randint(50, (2, 8, 8))
     vector_quantize.forward(z, codebook, 1.0, 0.25, 1)
@@ -401,7 +403,7 @@ def test_kernels_compile_ahead_of_time_for_sm90_and_sm80(monkeypatch):
     specializations = [_specialization(*launch) for launch in _launches(monkeypatch)]
     monkeypatch.undo()
     names = {f"{fn.fn.__module__}.{fn.__name__}" for fn, *_ in specializations}
-    assert len(names) == 12, names
+    assert len(names) == 13, names
     start = time.perf_counter()
     for fn, signature, constexprs, options in specializations:
         for capability in (90, 80):
@@ -409,3 +411,64 @@ def test_kernels_compile_ahead_of_time_for_sm90_and_sm80(monkeypatch):
             compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
             assert compiled.asm["cubin"], (fn.__name__, capability)
     print(f"{len(specializations)} specializations x 2 targets in {time.perf_counter() - start:.1f} s")
+
+
+# ------------------------------------------------------------------------------------ launch grids
+
+
+GRID_SHAPES = [  # (z shape, codes): batch-1 latents of the benchmark shapes
+    ((1, 256, 16, 16), 1024),
+    ((1, 256, 32, 32), 1024),
+    ((1, 4, 64, 64), 8192),
+]
+SMS = 132  # an H100's multiprocessors
+
+
+def _grids(monkeypatch, launch) -> list[tuple[str, int, int]]:
+    """``(kernel, programs, BLOCK_N or 0)`` of each launch ``launch()`` makes on a device reporting SMS multiprocessors,
+    recorded, not run (an autotuned grid at each config's block sizes: the fewest programs)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import KernelInterface
+
+    nearest_code, group_norm_act = kernels()[:2]
+    monkeypatch.setattr(nearest_code, "multiprocessors", lambda device: SMS)
+    monkeypatch.setattr(group_norm_act, "_target_programs", lambda device: 4 * SMS)
+    grids = []
+
+    def record(self, grid):
+        configs = getattr(self, "compiled_configs", [triton.Config({})]) if isinstance(self, Autotuner) else [None]
+        name = (self.fn if isinstance(self, Autotuner) else self).__name__
+        for config in configs:
+            size = grid(config.kwargs) if callable(grid) else grid
+            block_n = config.kwargs.get("BLOCK_N", 0) if config else 0
+            grids.append((name, int(torch.tensor(size).prod()), block_n))
+        return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(KernelInterface, "__getitem__", record)
+    launch()
+    return grids
+
+
+@pytest.mark.parametrize("shape, codes", GRID_SHAPES)
+def test_search_grids_fill_two_waves_where_the_work_allows(monkeypatch, shape, codes):
+    """nearest_code and vector_quantize split the codebook when the rows alone give too few programs:
+    two waves of the GPU, or every (BLOCK_N rows x 64 codes) tile its own program when there are fewer."""
+    nearest_code, _, vector_quantize, _ = kernels()
+    z, codebook = torch.randn(shape), torch.randn(codes, shape[1])
+    rows = z.numel() // shape[1]
+    for launch in (lambda: nearest_code.forward(z, codebook, 1), lambda: vector_quantize.forward(z, codebook, 1, 0.25, 1)):
+        grids = _grids(monkeypatch, launch)
+        searches = [(n, block_n) for name, n, block_n in grids if name == "_nearest_code_kernel"]
+        assert len(searches) == len(nearest_code.SEARCH_CONFIGS), grids
+        for programs, block_n in searches:
+            assert programs >= min(2 * SMS, -(-rows // block_n) * -(-codes // 64)), grids
+        monkeypatch.undo()
+
+
+def test_group_norm_grid_fills_two_waves(monkeypatch):
+    """NCHW (1, 512, 64, 64) in 32 groups: each group split along its positions (was 64 programs)."""
+    group_norm_act = kernels()[1]
+    x = torch.randn(1, 512, 64, 64)
+    launch = lambda: group_norm_act.forward(x, 32, None, None, None, None, None, 1e-6, True)  # noqa: E731
+    grids = _grids(monkeypatch, launch)
+    assert grids and min(n for _, n, _ in grids) >= 2 * SMS, grids

@@ -26,6 +26,14 @@ def _library_interpreted() -> bool:
     return isinstance(tl.zeros, InterpretedFunction)
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The device's streaming multiprocessors, which launch grids aim to fill (4 for the interpreter,
+    so that the CPU tests take the split paths)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def unsupported_tensor(name: str, t: torch.Tensor) -> str:
     """Why the kernels cannot take ``t`` (the op's argument ``name``) on its device and dtype, or ""."""
     if t.device.type == "cpu":
@@ -42,8 +50,15 @@ def unsupported_tensor(name: str, t: torch.Tensor) -> str:
 
 def autotune(configs: list[triton.Config], key: list[str]):
     """``triton.autotune``, except under the interpreter, which would time every config in numpy:
-    there the first config runs. Only for kernels that may safely run more than once per call."""
-    return triton.autotune(configs[:1] if interpreting() else configs, key=key)
+    there the first config runs. Only for kernels that may safely run more than once per call. The
+    tuner's ``compiled_configs`` are all of them, as compiled for a GPU (benchmarks/resources.py)."""
+
+    def decorate(fn):
+        tuner = triton.autotune(configs[:1] if interpreting() else configs, key=key)(fn)
+        tuner.compiled_configs = configs
+        return tuner
+
+    return decorate
 
 
 @triton.jit

@@ -16,8 +16,15 @@ import triton.language as tl
 from vqfast import layout
 from vqfast.triton._common import Codes, interpreting, row_offsets, row_tile, unsupported_tensor
 
-BLOCK_N = 64
-BLOCK_D = 32
+TILE = 2048  # elements per program of the row kernels
+SEGMENT_ROWS = 64  # rows of one code summed per step by the segment sum
+
+
+def tile(d: int) -> tuple[int, int]:
+    """``(BLOCK_N, BLOCK_D)`` for rows of d elements: D whole up to 32 (no masked lanes for short codes),
+    as many rows as fill the tile."""
+    block_d = min(triton.next_power_of_2(max(d, 1)), 32)
+    return TILE // block_d, block_d
 
 
 @triton.jit(debug=True)  # keeps the device assertion
@@ -123,9 +130,10 @@ def segment_sum(
     sorted_indices, order = torch.sort(indices.reshape(-1), stable=True)
     starts = torch.searchsorted(sorted_indices, torch.arange(num_codes + 1, device=src.device))
     src, rows, (src_strides,) = _grad_rows(src, dim)
-    _segment_sum_kernel[(num_codes, triton.cdiv(d, BLOCK_D))](
+    block_d = tile(d)[1]
+    _segment_sum_kernel[(num_codes, triton.cdiv(d, block_d))](
         src, order, starts, out, d, rows, src_strides, None if codebook is None else Codes.of(codebook), scale,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        BLOCK_N=SEGMENT_ROWS, BLOCK_D=block_d,
     )  # fmt: skip
     return out
 
@@ -171,9 +179,10 @@ def forward(indices: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Te
     if interpreting() and not bool(((indices >= 0) & (indices < k)).all()):
         raise IndexError(f"indices must lie in [0, {k}) (the codebook's rows)")
     rows, (idx_strides, out_strides) = _rows(indices, out, dim)
-    grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(d, BLOCK_D))
+    block_n, block_d = tile(d)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     _gather_kernel[grid](
-        indices, out, n, k, d, rows, idx_strides, out_strides, Codes.of(codebook), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D
+        indices, out, n, k, d, rows, idx_strides, out_strides, Codes.of(codebook), BLOCK_N=block_n, BLOCK_D=block_d
     )
     return out
 
@@ -186,8 +195,9 @@ def backward(grad: torch.Tensor, indices: torch.Tensor, num_codes: int, dim: int
     n = indices.numel()
     if n and d:
         grad, rows, (grad_strides, idx_strides) = _grad_rows(grad, dim, indices)
-        grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(d, BLOCK_D))
+        block_n, block_d = tile(d)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
         _scatter_add_kernel[grid](
-            grad, indices, out, n, d, rows, grad_strides, idx_strides, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D
+            grad, indices, out, n, d, rows, grad_strides, idx_strides, BLOCK_N=block_n, BLOCK_D=block_d
         )
     return out.to(grad.dtype)

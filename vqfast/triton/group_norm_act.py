@@ -25,6 +25,7 @@ from vqfast.triton._common import activate, activation_grad, unsupported_tensor
 
 FUSED_MAX = 4096  # elements of a group (padded to powers of two) that one program holds
 TILE = 2048  # elements per tile when a group is streamed in chunks
+MIN_RUN = 128  # contiguous positions per channel row of an NCHW tile, at least: whole 512-byte runs
 
 
 class NormShape(NamedTuple):
@@ -429,16 +430,18 @@ class _Plan:
         cpg, hw = c // num_groups, math.prod(x.shape[2:])
         whole_c, whole_s = triton.next_power_of_2(cpg), triton.next_power_of_2(hw)
         self.fused = whole_c * whole_s <= FUSED_MAX
+        wanted = triton.cdiv(_target_programs(x.device), n * num_groups)  # chunks per group
         if self.fused:
             self.block_c, self.block_s = whole_c, whole_s
         elif x_strides.c < abs(x_strides.inner):  # channels nearer in memory (channels_last): whole channel runs
             self.block_c = min(whole_c, 64)
             self.block_s = min(whole_s, TILE // self.block_c)
-        else:
-            self.block_s = min(whole_s, TILE)
+        else:  # runs along a channel, short enough for each group to split into `wanted` chunks
+            per_chunk = triton.cdiv(hw, wanted)
+            self.block_s = min(whole_s, TILE, max(MIN_RUN, 1 << (per_chunk.bit_length() - 1)))
             self.block_c = min(whole_c, TILE // self.block_s)
         self.num_warps = min(8, max(1, self.block_c * self.block_s // 512))
-        split = min(triton.cdiv(_target_programs(x.device), n * num_groups), triton.cdiv(hw, self.block_s))
+        split = min(wanted, triton.cdiv(hw, self.block_s))
         self.chunk = triton.cdiv(triton.cdiv(hw, max(split, 1)), self.block_s) * self.block_s
         self.split = 1 if self.fused else triton.cdiv(hw, self.chunk)
         self.meta = dict(BLOCK_C=self.block_c, BLOCK_S=self.block_s, num_warps=self.num_warps)

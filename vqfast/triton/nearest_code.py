@@ -20,9 +20,10 @@ import triton
 import triton.language as tl
 
 from vqfast import layout
-from vqfast.triton._common import autotune, dot, interpreting, row_offsets, unsupported_tensor
+from vqfast.triton._common import autotune, dot, interpreting, multiprocessors, row_offsets, unsupported_tensor
 
-SMALL_D = 16  # tl.dot needs an inner size of 16; below that FMAs waste no lanes on padding
+SMALL_D = 8  # below tl.dot's inner size of 16, FMAs waste no lanes on padding; from 16 on, tl.dot (FMAs
+# over a whole row of 16 spilled: each thread held all of its rows' z)
 
 # Search precisions for float32 vectors longer than SMALL_D, and the relative error u to which each
 # rounds the operands of the products. Each distance is then off by at most 2 (2u + u^2) sum_i |z_i c_i|
@@ -78,6 +79,8 @@ def search(
     stride_zd,
     codebook,
     K,
+    k_start,
+    k_end,
     D: tl.constexpr,
     SMALL: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -86,8 +89,9 @@ def search(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Index (int32) of the nearest code of a :class:`Codebook` for the BLOCK_N rows of z at offsets
-    ``z_off``: with SMALL, FMAs over the transposed codebook; else ``tl.dot`` over D in chunks of BLOCK_D."""
+    """``(distance, index)`` (float32, int32) of the nearest of codes [k_start, k_end) of a :class:`Codebook`
+    for the BLOCK_N rows of z at offsets ``z_off`` (distance NaN where a NaN wins): with SMALL, FMAs
+    over the transposed codebook; else ``tl.dot`` over D in chunks of BLOCK_D."""
     cols = tl.arange(0, BLOCK_K)
     ds = tl.arange(0, BLOCK_D)
     # Per (row, lane) minimum over the codes lane, lane + BLOCK_K, ...: elementwise in the loop, one
@@ -102,9 +106,9 @@ def search(
                 mask=row_mask[:, None] & (ds[None, :] < D),
                 other=0.0,
             )
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + cols
-        k_mask = ks < K
+        k_mask = ks < k_end
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         if SMALL:
             for d in tl.static_range(D):
@@ -136,9 +140,7 @@ def search(
         # Padding codes get +inf (not inf - 2 * (inf * 0) = NaN for a z holding inf): never below a
         # real code, and later in index on equality.
         dist = tl.where(k_mask[None, :], dist, float("inf"))
-        take = (dist < best_d) | ((dist != dist) & (best_d == best_d))
-        best_d = tl.where(take, dist, best_d)
-        best_k = tl.where(take, ks[None, :], best_k)
+        best_d, best_k = take_nearest(best_d, best_k, dist, ks[None, :])
     # Across lanes, torch.argmin's order: the first NaN, else the first minimum. Built-in min
     # reductions only (no NaN reaches them): a custom combine runs per element in the interpreter.
     nan = best_d != best_d
@@ -147,7 +149,43 @@ def search(
     best_d = tl.where(nan, float("inf"), best_d)
     least = tl.min(best_d, 1)
     first_least = tl.min(tl.where(best_d == least[:, None], best_k, no_code), 1)
-    return tl.where(first_nan < no_code, first_nan, first_least)
+    found_nan = first_nan < no_code
+    return tl.where(found_nan, float("nan"), least), tl.where(found_nan, first_nan, first_least)
+
+
+@triton.jit
+def take_nearest(best_d, best_k, dist, index):
+    """The running ``(distance, index)`` after codes ``index`` at ``dist``, all after best_k in code order:
+    a smaller distance, or the first NaN (torch.argmin's order)."""
+    take = (dist < best_d) | ((dist != dist) & (best_d == best_d))
+    return tl.where(take, dist, best_d), tl.where(take, index, best_k)
+
+
+@triton.jit
+def split_range(K, codes_per_split):
+    """Codes [start, end) of this program's codebook split (program axis 1)."""
+    start = tl.program_id(1) * codes_per_split
+    return start, tl.minimum(start + codes_per_split, K)
+
+
+@triton.jit
+def _merge_kernel(
+    dist_ptr,  # float32 (splits, N): each split's nearest distance
+    part_ptr,  # int32 (splits, N): each split's nearest code
+    out_ptr,  # int64 (N,) out
+    N,
+    SPLITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Each row's nearest code over the splits, merged in split order (deterministic, first index)."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = row < N
+    best_d = tl.load(dist_ptr + row, mask=mask, other=0.0)
+    best_k = tl.load(part_ptr + row, mask=mask, other=0)
+    for split in tl.static_range(1, SPLITS):
+        dist = tl.load(dist_ptr + split * N + row, mask=mask, other=0.0)
+        best_d, best_k = take_nearest(best_d, best_k, dist, tl.load(part_ptr + split * N + row, mask=mask, other=0))
+    tl.store(out_ptr + row, best_k.to(tl.int64), mask=mask)
 
 
 # (BLOCK_N, BLOCK_K) tiles hold three float32/int32 values per element (distance, running minimum and
@@ -161,13 +199,15 @@ SEARCH_CONFIGS = [  # the first one also runs under the interpreter
 ]
 
 
-@autotune(SEARCH_CONFIGS, key=["K", "D", "PRECISION"])
+@autotune(SEARCH_CONFIGS, key=["K", "D", "PRECISION", "SPLIT"])
 @triton.jit
 def _nearest_code_kernel(
     z_ptr,
-    out_ptr,
+    out_ptr,  # int64 (N,) out; with SPLIT, int32 (splits, N) out: each split's nearest code
+    dist_ptr,  # with SPLIT, float32 (splits, N) out: each split's nearest distance
     N,  # rows
     K,  # codes
+    codes_per_split,  # codes searched by each program along axis 1
     rows,  # layout.RowShape of z's rows
     z_strides,  # layout.RowStrides of z
     codebook,  # Codebook
@@ -175,18 +215,40 @@ def _nearest_code_kernel(
     SMALL: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
+    SPLIT: tl.constexpr,  # more than one split along axis 1
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """Program (row block, codebook split): the block's nearest code within the split."""
     row = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = row < N
     z_off = row_offsets(row, rows, z_strides)
-    index = search(
-        z_ptr, z_off, row_mask, z_strides.vector, codebook, K,
+    k_start, k_end = split_range(K, codes_per_split)
+    dist, index = search(
+        z_ptr, z_off, row_mask, z_strides.vector, codebook, K, k_start, k_end,
         D, SMALL, PRECISION, INTERPRET, BLOCK_N, BLOCK_K, BLOCK_D,
     )  # fmt: skip
-    tl.store(out_ptr + row, index.to(tl.int64), mask=row_mask)
+    if SPLIT:
+        part = tl.program_id(1) * N + row
+        tl.store(out_ptr + part, index, mask=row_mask)
+        tl.store(dist_ptr + part, dist, mask=row_mask)
+    else:
+        tl.store(out_ptr + row, index.to(tl.int64), mask=row_mask)
+
+
+MERGE_BLOCK = 256
+SPLIT_ROWS = 128  # rows per program that the codebook split assumes: the configs' largest BLOCK_N
+SPLIT_CODES = 64  # codes per split, at least (and a multiple of)
+
+
+def codebook_splits(n: int, k: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, codes_per_split)``: the codebook split so that n rows make about two waves of programs
+    (a batch-1 latent has only a few row blocks), each split at least SPLIT_CODES codes."""
+    wanted = triton.cdiv(2 * multiprocessors(device), triton.cdiv(n, SPLIT_ROWS))
+    splits = max(1, min(wanted, triton.cdiv(k, SPLIT_CODES)))
+    per_split = triton.cdiv(triton.cdiv(k, splits), SPLIT_CODES) * SPLIT_CODES
+    return triton.cdiv(k, per_split), per_split
 
 
 def search_args(z: torch.Tensor, codebook: torch.Tensor) -> tuple[Codebook, dict]:
@@ -196,11 +258,14 @@ def search_args(z: torch.Tensor, codebook: torch.Tensor) -> tuple[Codebook, dict
     norms = cb32.square().sum(1)  # the reference's expression: the same norms, bit for bit
     small = d <= SMALL_D
     transposed = cb32.t().contiguous() if small else norms  # FMAs read codes along K; tl.dot reads codes
-    block_d = max(triton.next_power_of_2(d), 1) if small else min(max(triton.next_power_of_2(d), 16), 64)
+    precision = dot_precision(z.dtype)
+    # float32 "ieee" dots run on FMAs with both operands in registers: chunks of 16 (64 spilled on sm_80)
+    widest = 16 if precision == "ieee" else 64
+    block_d = max(triton.next_power_of_2(d), 1) if small else min(max(triton.next_power_of_2(d), 16), widest)
     meta = dict(
         D=d,
         SMALL=small,
-        PRECISION=dot_precision(z.dtype),
+        PRECISION=precision,
         INTERPRET=interpreting(),
         BLOCK_D=block_d,
     )
@@ -222,11 +287,23 @@ def unsupported(inputs) -> str:
 
 def forward(z: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Tensor:
     out = torch.empty(z.movedim(dim, -1).shape[:-1], dtype=torch.long, device=z.device)
-    n = out.numel()
-    if n == 0:
-        return out
+    if out.numel():
+        nearest_rows(z, codebook, dim, out.view(-1))
+    return out
+
+
+def nearest_rows(z: torch.Tensor, codebook: torch.Tensor, dim: int, out: torch.Tensor) -> None:
+    """Write the nearest code of each of z's rows along ``dim`` into ``out``, int64 (N,) contiguous: one
+    launch, or, when the codebook is split, a search per split and their merge."""
+    n, k = out.numel(), codebook.shape[0]
     rows, (z_strides,) = layout.rows_along(dim, z)
     codebook_args, meta = search_args(z, codebook)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _nearest_code_kernel[grid](z, out, n, codebook.shape[0], rows, z_strides, codebook_args, **meta)
-    return out
+    splits, per_split = codebook_splits(n, k, z.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    if splits == 1:
+        _nearest_code_kernel[grid](z, out, None, n, k, per_split, rows, z_strides, codebook_args, **meta, SPLIT=False)
+        return
+    dist = torch.empty((splits, n), dtype=torch.float32, device=z.device)
+    part = torch.empty((splits, n), dtype=torch.int32, device=z.device)
+    _nearest_code_kernel[grid](z, part, dist, n, k, per_split, rows, z_strides, codebook_args, **meta, SPLIT=True)
+    _merge_kernel[(triton.cdiv(n, MERGE_BLOCK),)](dist, part, out, n, SPLITS=splits, BLOCK=MERGE_BLOCK)

@@ -13,19 +13,23 @@ from torch import Tensor
 
 from vqfast import layout
 from vqfast.triton._common import Codes, autotune, round_to, row_offsets, row_tile
-from vqfast.triton.codebook_gather import segment_sum
-from vqfast.triton.nearest_code import SEARCH_CONFIGS, search, search_args, unsupported_rows
+from vqfast.triton.codebook_gather import segment_sum, tile
+from vqfast.triton.nearest_code import (
+    SEARCH_CONFIGS,
+    codebook_splits,
+    nearest_rows,
+    search,
+    search_args,
+    unsupported_rows,
+)
 
-BLOCK_N = 64  # backward tiles
-BLOCK_D = 32
 
-
-@autotune(SEARCH_CONFIGS, key=["K", "D", "PRECISION"])
+@autotune(SEARCH_CONFIGS, key=["K", "D", "PRECISION", "SEARCH"])
 @triton.jit
 def _forward_kernel(
     z_ptr,
     zq_ptr,
-    idx_ptr,  # int64 (N,) out: the nearest code of each row
+    idx_ptr,  # int64 (N,): the nearest code of each row, out with SEARCH
     partial_ptr,  # float32 out: sum of (q - z)^2 over each program's rows
     N,  # rows
     K,  # codes
@@ -37,6 +41,7 @@ def _forward_kernel(
     SMALL: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
+    SEARCH: tl.constexpr,  # search here; else read the codes (a split search found them)
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -46,11 +51,15 @@ def _forward_kernel(
     row = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = row < N
     z_off = row_offsets(row, rows, z_strides)
-    index = search(
-        z_ptr, z_off, row_mask, z_strides.vector, codebook, K,
-        D, SMALL, PRECISION, INTERPRET, BLOCK_N, BLOCK_K, BLOCK_D,
-    ).to(tl.int64)  # fmt: skip
-    tl.store(idx_ptr + row, index, mask=row_mask)
+    if SEARCH:
+        _, index = search(
+            z_ptr, z_off, row_mask, z_strides.vector, codebook, K, 0, K,
+            D, SMALL, PRECISION, INTERPRET, BLOCK_N, BLOCK_K, BLOCK_D,
+        )  # fmt: skip
+        index = index.to(tl.int64)
+        tl.store(idx_ptr + row, index, mask=row_mask)
+    else:
+        index = tl.load(idx_ptr + row, mask=row_mask, other=0)
     zq_off = row_offsets(row, rows, zq_strides)
     squares = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for d0 in range(0, D, BLOCK_D):  # z's rows come back from L1/L2, just read by the search
@@ -117,9 +126,13 @@ def forward(z: Tensor, codebook: Tensor, w_z: float, w_q: float, dim: int) -> tu
     if n:
         rows, (z_strides, zq_strides) = layout.rows_along(dim, z, z_q)
         codebook_args, meta = search_args(z, codebook)
+        search_here = codebook_splits(n, codebook.shape[0], z.device)[0] == 1
+        if not search_here:  # too few rows to fill the GPU: a split search first
+            nearest_rows(z, codebook, dim, indices)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _forward_kernel[grid](
-            z, z_q, indices, partial, n, codebook.shape[0], rows, z_strides, zq_strides, codebook_args, **meta
+            z, z_q, indices, partial, n, codebook.shape[0], rows, z_strides, zq_strides, codebook_args, **meta,
+            SEARCH=search_here,
         )
     mse = partial.sum() / z.numel()  # NaN for an empty z, as torch.mean
     return z_q, (w_z * mse + w_q * mse).to(z.dtype), indices
@@ -143,10 +156,11 @@ def backward(
     n = indices.numel()
     if n and d:
         rows, strides = layout.rows_along(dim, grad_z_q, z, grad_z)
-        grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(d, BLOCK_D))
+        block_n, block_d = tile(d)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
         _backward_kernel[grid](
             grad_z_q, z, grad_z, indices, coef, None if deterministic else grad_codebook, n, d, w_z, w_q, rows,
-            *strides, Codes.of(codebook), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            *strides, Codes.of(codebook), BLOCK_N=block_n, BLOCK_D=block_d,
         )  # fmt: skip
         if deterministic:
             grad_codebook = segment_sum(z, dim, indices, k, codebook, -w_q * coef)
