@@ -1,11 +1,14 @@
 """The CUDA kernels (csrc/cuda/) run on the host (the cuda_host backend, csrc/host/) against the torch
 reference, op by op at the lowered signatures, forward and backward, in float32, float16 and bfloat16,
 on the layouts and edge cases the kernels treat apart: the D = 4 search and the run-time-D one, the
-codebook split over blocks (K > 512), the group reduction split (groups over 4096 elements), ties, NaN,
-batch 0, the deterministic and the atomic scatters, device-side asserts. The public ops on this backend
+codebook split over blocks (the grid chosen for 132 SMs), the group reduction split (groups over 4096
+elements), ties, NaN, batch 0, the deterministic and the atomic scatters, device-side asserts. The public ops on this backend
 are the conformance suite's."""
 
 import contextlib
+import importlib.machinery
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -93,12 +96,21 @@ def test_nearest_code(dtype, layout, d):
 
 @pytest.mark.parametrize("d", [4, 5])
 def test_nearest_code_split_codebook_keeps_first_tie(d):
-    """K = 1100: three blocks share each row block's codes, merged in order; duplicated codes in
+    """K = 1100 over 300 rows: 14 blocks share each row block's codes, merged in order; duplicated codes in
     different splits (k and k + 550) must give the first."""
     rows, codebook = near_codes(2, (300,), 550, d, F32)
     codebook = torch.cat([codebook, codebook])
     actual, expected = run_nearest(rows, codebook, 1)
     assert torch.equal(actual, expected) and int(actual.max()) < 550
+
+
+def test_nearest_code_several_tiles_per_split():
+    """2000 rows, K = 600: 3 splits of 200 codes, each two 128-code tiles; D = 20: a full 16-element d chunk
+    and a tail. Codes k and k + 300 are equal: the first wins across tiles and splits."""
+    rows, codebook = near_codes(15, (2000,), 300, 20, F32)
+    assert host_module().nearest_code_grid(2000, 600)[1:] == (3, 200)
+    actual, expected = run_nearest(rows, torch.cat([codebook, codebook]), 1)
+    assert torch.equal(actual, expected) and int(actual.max()) < 300
 
 
 def test_nearest_code_equidistant_and_duplicates():
@@ -119,6 +131,39 @@ def test_nearest_code_non_finite(dtype, k):
     codebook[5, 0], codebook[k - 3, 3] = float("nan"), float("-inf")
     actual, expected = run_nearest(z.to(dtype), codebook.to(dtype), 1)
     assert torch.equal(actual, expected)
+
+
+def host_module():
+    """The loaded vqfast._C_cuda_host (the one VQFAST_CUDA_HOST_LIBRARY names, when set)."""
+    path = os.environ.get("VQFAST_CUDA_HOST_LIBRARY")
+    if not path:
+        from vqfast import _C_cuda_host
+        return _C_cuda_host
+    loader = importlib.machinery.ExtensionFileLoader("vqfast._C_cuda_host", path)
+    return importlib.util.module_from_spec(importlib.util.spec_from_file_location("vqfast._C_cuda_host", path,
+                                                                                   loader=loader))
+
+
+@pytest.mark.parametrize("rows,k", [(256, 1024), (256, 8192), (1024, 16384), (4096, 8192), (4096, 16384),
+                                    (65536, 16384), (8192, 16384)])
+def test_search_grid_fills_two_waves(rows, k):
+    """The issue's shapes ((1,256,16,16) with K = 1024 had 2 blocks) on the emulated 132 SMs: at least two
+    waves of blocks, splits of equal spans that cover K with none empty."""
+    row_blocks, splits, span = host_module().nearest_code_grid(rows, k)
+    assert row_blocks * splits >= 2 * 132
+    assert (splits - 1) * span < k <= splits * span and span >= 32
+
+
+def test_search_grid_small_work():
+    """Where the work is too small for two waves, each split still keeps a code per lane."""
+    assert host_module().nearest_code_grid(16, 64) == (1, 2, 32)
+    assert host_module().nearest_code_grid(37, 45) == (3, 1, 45)
+
+
+def test_vector_quantize_forward_blocks():
+    """One thread per element in 128-thread blocks: (256, D = 64) latents make 128 blocks (1 before)."""
+    assert host_module().vector_quantize_blocks(256, 64) == 128
+    assert host_module().vector_quantize_blocks(0, 64) == 0
 
 
 def test_nearest_code_empty():

@@ -19,6 +19,7 @@ at::Tensor nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook, in
   TORCH_CHECK(0 <= dim && dim < z.dim(), "nearest_code: dim must be in [0, z.dim())");
   TORCH_CHECK(z.size(dim) == codebook.size(1), "nearest_code: z's size along dim differs from codebook's D");
   TORCH_CHECK(codebook.size(1) <= kNearestCodeMaxD, "nearest_code: CUDA takes D <= ", kNearestCodeMaxD);
+  TORCH_CHECK(codebook.size(0) <= (int64_t{1} << 30), "nearest_code: CUDA takes K <= 2**30 codes");
   const DeviceGuard guard(z.device());
   std::vector<int64_t> shape;
   for (int64_t i = 0; i < z.dim(); ++i)
@@ -31,16 +32,16 @@ at::Tensor nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook, in
   p.z = z.const_data_ptr();
   p.z_rows = rows_in_place(z, dim, "nearest_code");
   p.cb = codebook_view(codebook);
-  p.splits = nearest_code_splits(p.z_rows.count(), codebook.size(0));
+  const NearestCodeGrid grid = nearest_code_grid(p.z_rows.count(), codebook.size(0));
   at::Tensor part_dist, part_index;
-  if (p.splits > 1) {
-    part_dist = at::empty({p.splits * p.z_rows.count()}, z.options().dtype(at::kFloat));
-    part_index = at::empty({p.splits * p.z_rows.count()}, z.options().dtype(at::kLong));
+  if (grid.splits > 1) {
+    part_dist = at::empty({grid.splits * p.z_rows.count()}, z.options().dtype(at::kFloat));
+    part_index = at::empty({grid.splits * p.z_rows.count()}, z.options().dtype(at::kInt));
     p.part_dist = part_dist.mutable_data_ptr<float>();
-    p.part_index = part_index.mutable_data_ptr<int64_t>();
+    p.part_index = part_index.mutable_data_ptr<int>();
   }
   p.out = out.mutable_data_ptr<int64_t>();
-  check(nearest_code(p, stream()), "nearest_code");
+  check(nearest_code(p, grid, stream()), "nearest_code");
   return out;
 }
 

@@ -19,11 +19,11 @@ struct VectorQuantizeParams {
   const int64_t* index;  // the nearest code of each row (contiguous)
   void* z_q;             // written in place
   Rows z_q_rows;         // z_q as rows
-  double* part;          // one sum per block of rows: vector_quantize_blocks(rows) doubles
+  double* part;          // one sum per block: vector_quantize_blocks(rows, D) doubles
   float w_z, w_q;        // the loss weights (vqfast.ops.vector_quantize)
   void* loss;            // 0-d, z's dtype
 };
-int64_t vector_quantize_blocks(int64_t rows);
+int64_t vector_quantize_blocks(int64_t rows, int64_t D);
 cudaError_t vector_quantize(const VectorQuantizeParams& p, cudaStream_t stream);
 
 // grad_z in z's dtype; the codebook gradient as float32, by the deterministic form of scatter_rows.cuh

@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize_cuda(const at::Te
   p.index = indices.const_data_ptr<int64_t>();
   p.z_q = z_q.mutable_data_ptr();
   p.z_q_rows = rows_in_place(z_q, dim, "vector_quantize");
-  at::Tensor part = at::empty({vector_quantize_blocks(p.z_rows.count())}, z.options().dtype(at::kDouble));
+  at::Tensor part = at::empty({vector_quantize_blocks(p.z_rows.count(), p.cb.D)}, z.options().dtype(at::kDouble));
   p.part = part.mutable_data_ptr<double>();
   p.w_z = static_cast<float>(w_z);
   p.w_q = static_cast<float>(w_q);

@@ -90,8 +90,11 @@ constexpr unsigned kWarpSize = 32;
 
 struct Warp {
   Barrier barrier;
-  unsigned size = 0;                               // threads of the block in this warp
-  alignas(16) unsigned char lanes[kWarpSize][16];  // each lane's value during an exchange
+  unsigned size = 0;  // threads of the block in this warp
+  // Each lane's value during an exchange, in two banks that exchanges use in turn: a lane writes a bank
+  // again only two exchanges later, once every lane has passed the barrier between (so has read it),
+  // which lets an exchange cost one barrier.
+  alignas(16) unsigned char lanes[2][kWarpSize][16];
 };
 
 // The block being run: its barriers and dynamic shared memory.
@@ -106,6 +109,7 @@ struct ThreadContext {
   Block* block = nullptr;
   Warp* warp = nullptr;
   unsigned lane = 0;
+  unsigned exchanges = 0;  // the warp's exchanges so far (the same in every lane: full masks only)
 };
 inline thread_local ThreadContext context;
 
@@ -232,7 +236,7 @@ inline void vqfast::host::Device::run_thread(const Job& job, unsigned id) {
   blockIdx = job.index;
   blockDim = job.block;
   gridDim = job.grid;
-  context = ThreadContext{&block_, &block_.warps[id / kWarpSize], id % kWarpSize};
+  context = ThreadContext{&block_, &block_.warps[id / kWarpSize], id % kWarpSize, 0};
   try {
     (*job.kernel)();
   } catch (const DeviceAssert& assertion) {
@@ -304,22 +308,22 @@ template <typename T>
 T exchange(T v, unsigned source) {
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 16, "warp exchange of a small value");
   Warp& warp = *context.warp;
-  std::memcpy(warp.lanes[context.lane], &v, sizeof(T));
+  auto& lanes = warp.lanes[context.exchanges++ % 2];
+  std::memcpy(lanes[context.lane], &v, sizeof(T));
   warp.barrier.wait();
   T out;
-  std::memcpy(&out, warp.lanes[source < warp.size ? source : context.lane], sizeof(T));
-  warp.barrier.wait();  // nobody overwrites a lane before all have read
+  std::memcpy(&out, lanes[source < warp.size ? source : context.lane], sizeof(T));
   return out;
 }
 
 // The predicates of the warp's lanes as a ballot.
 inline unsigned ballot(bool predicate) {
   Warp& warp = *context.warp;
-  warp.lanes[context.lane][0] = predicate;
+  auto& lanes = warp.lanes[context.exchanges++ % 2];
+  lanes[context.lane][0] = predicate;
   warp.barrier.wait();
   unsigned bits = 0;
-  for (unsigned lane = 0; lane < warp.size; ++lane) bits |= static_cast<unsigned>(warp.lanes[lane][0] != 0) << lane;
-  warp.barrier.wait();
+  for (unsigned lane = 0; lane < warp.size; ++lane) bits |= static_cast<unsigned>(lanes[lane][0] != 0) << lane;
   return bits;
 }
 
@@ -391,6 +395,17 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 inline float rsqrtf(float v) { return 1.f / sqrtf(v); }
+
+inline unsigned __float_as_uint(float v) {
+  unsigned u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
 
 template <typename T>
 inline T __ldg(const T* p) {

@@ -2,10 +2,38 @@
 // its launchers registered for CPU tensors under the operator namespace vqfast_cuda_host, whose schemas
 // vqfast.cuda_host copies from vqfast_C (csrc/ops.cpp). setup.py compiles each csrc/cuda/*.cu and
 // *_launch.cpp in a translation unit of its own that includes it after cuda_device.h.
+// The module also tells the launch grids the launchers choose on the emulated device (an H100's 132
+// SMs), for tests of their size.
 #include <Python.h>
 
+#include "cuda/nearest_code.h"
+#include "cuda/vector_quantize.h"
+
 namespace {
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda_host", "vqfast's CUDA kernels run on the host", -1, nullptr};
+
+// nearest_code_grid(rows, K) -> (row blocks, splits, codes per split): the search's grid.
+PyObject* nearest_code_grid(PyObject*, PyObject* args) {
+  long long rows = 0, K = 0;
+  if (!PyArg_ParseTuple(args, "LL", &rows, &K)) return nullptr;
+  const vqfast::cuda::NearestCodeGrid g = vqfast::cuda::nearest_code_grid(rows, K);
+  return Py_BuildValue("(LLL)", static_cast<long long>(g.row_blocks), static_cast<long long>(g.splits),
+                       static_cast<long long>(g.span));
+}
+
+// vector_quantize_blocks(rows, D) -> blocks of vector_quantize's forward pass (after the search).
+PyObject* vector_quantize_blocks(PyObject*, PyObject* args) {
+  long long rows = 0, D = 0;
+  if (!PyArg_ParseTuple(args, "LL", &rows, &D)) return nullptr;
+  return PyLong_FromLongLong(vqfast::cuda::vector_quantize_blocks(rows, D));
+}
+
+PyMethodDef methods[] = {
+    {"nearest_code_grid", nearest_code_grid, METH_VARARGS, "(row blocks, splits, codes per split) of the search"},
+    {"vector_quantize_blocks", vector_quantize_blocks, METH_VARARGS, "blocks of vector_quantize's forward pass"},
+    {nullptr, nullptr, 0, nullptr},
+};
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda_host", "vqfast's CUDA kernels run on the host", -1, methods};
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C_cuda_host() { return PyModule_Create(&module); }

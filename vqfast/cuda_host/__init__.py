@@ -59,11 +59,11 @@ def _on_cpu(native_unsupported):
 
 
 def _search_unsupported(native_unsupported):
-    """The search's shared-memory tile also bounds D on the host."""
+    """The CUDA search's stated bounds on D and K hold on the host too."""
 
     def unsupported(inputs) -> str:
-        if inputs.codebook.shape[1] > native.CUDA_MAX_D:
-            return f"CUDA nearest_code takes D <= {native.CUDA_MAX_D} (a code must fit its shared-memory tile)"
+        if inputs.codebook.shape[1] > native.CUDA_MAX_D or inputs.codebook.shape[0] > native.CUDA_MAX_K:
+            return f"CUDA nearest_code takes D <= {native.CUDA_MAX_D} and K <= 2**30, got a {tuple(inputs.codebook.shape)} codebook"
         return native_unsupported(inputs)
 
     return _on_cpu(unsupported)

@@ -16,7 +16,8 @@ from vqfast.backend import Implementation
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DIMS = 6  # csrc/common/layout.h kMaxDims: dimensions a tensor may keep once merged
-CUDA_MAX_D = 8191  # csrc/cuda/nearest_code.cu: a codebook row and its norm fill at most the 8192-float tile
+CUDA_MAX_D = 8191  # csrc/cuda/nearest_code.h kNearestCodeMaxD: the longest code the CUDA search is stated for
+CUDA_MAX_K = 1 << 30  # the CUDA search keeps code indices in 32 bits
 _REBUILD = "rebuild it: pip install --no-build-isolation -e ."
 
 
@@ -56,8 +57,8 @@ def _search_unsupported(op: str, inputs) -> str:
     z, codebook = inputs.z, inputs.codebook
     if reason := _runs(op, inputs, z) or _rows("z", z, inputs.dim):
         return reason
-    if z.device.type == "cuda" and codebook.shape[1] > CUDA_MAX_D:
-        return f"CUDA nearest_code takes D <= {CUDA_MAX_D} (a code must fit its shared-memory tile)"
+    if z.device.type == "cuda" and (codebook.shape[1] > CUDA_MAX_D or codebook.shape[0] > CUDA_MAX_K):
+        return f"CUDA nearest_code takes D <= {CUDA_MAX_D} and K <= 2**30, got a {tuple(codebook.shape)} codebook"
     return ""
 
 
