@@ -53,6 +53,28 @@ def deterministic(on: bool):
         torch.use_deterministic_algorithms(before)
 
 
+def host_module():
+    """The loaded vqfast._C_cuda_host (the one VQFAST_CUDA_HOST_LIBRARY names, when set)."""
+    path = os.environ.get("VQFAST_CUDA_HOST_LIBRARY")
+    if not path:
+        from vqfast import _C_cuda_host
+        return _C_cuda_host
+    loader = importlib.machinery.ExtensionFileLoader("vqfast._C_cuda_host", path)
+    return importlib.util.module_from_spec(importlib.util.spec_from_file_location("vqfast._C_cuda_host", path,
+                                                                                   loader=loader))
+
+
+@contextlib.contextmanager
+def wide_indices():
+    """Every launch takes the kernels' int64_t index path: the largest index of their int32_t path
+    (INT32_MAX, common.cuh's index32_limit) lowered to 0, as a tensor past 2**31 elements would."""
+    previous = host_module().set_index32_limit(0)
+    try:
+        yield
+    finally:
+        host_module().set_index32_limit(previous)
+
+
 def near_codes(seed, rows_shape, k, d, dtype, noise=0.05):
     """(rows (*rows_shape, d), each near a random code; codebook (k, d)): the nearest codes are clear."""
     g = _gen(seed)
@@ -133,17 +155,6 @@ def test_nearest_code_non_finite(dtype, k):
     assert torch.equal(actual, expected)
 
 
-def host_module():
-    """The loaded vqfast._C_cuda_host (the one VQFAST_CUDA_HOST_LIBRARY names, when set)."""
-    path = os.environ.get("VQFAST_CUDA_HOST_LIBRARY")
-    if not path:
-        from vqfast import _C_cuda_host
-        return _C_cuda_host
-    loader = importlib.machinery.ExtensionFileLoader("vqfast._C_cuda_host", path)
-    return importlib.util.module_from_spec(importlib.util.spec_from_file_location("vqfast._C_cuda_host", path,
-                                                                                   loader=loader))
-
-
 @pytest.mark.parametrize("rows,k", [(256, 1024), (256, 8192), (1024, 16384), (4096, 8192), (4096, 16384),
                                     (65536, 16384), (8192, 16384)])
 def test_search_grid_fills_two_waves(rows, k):
@@ -222,6 +233,24 @@ def test_vector_quantize_rounds_as_torch(dtype):
     z_q = HOST["vector_quantize"].forward(z, codebook, 1.0, 0.25, 1)[0]
     torch.testing.assert_close(z_q, REFERENCE["vector_quantize"].forward(z, codebook, 1.0, 0.25, 1)[0],
                                rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_vector_quantize_wide_indices(layout):
+    """The int64_t kernels (forward, grad_z, both scatters) give what the int32_t ones give."""
+    for on in (False, True):
+        with wide_indices(), deterministic(on):
+            run_quantize(*search_case(layout, F32), F32)
+
+
+def test_vector_quantize_backward_checks_indices(capfd):
+    """grad_z reads the code each index names: an index outside [0, K) stops the kernel."""
+    z, codebook = search_case("rows", F32)[:2]
+    indices = torch.zeros(z.shape[0], dtype=torch.long)
+    indices[5] = codebook.shape[0]
+    with pytest.raises(RuntimeError, match="device-side assert triggered"):
+        HOST["vector_quantize"].backward(z, torch.tensor(1.0), z, codebook, indices, 1.0, 0.25, 1)
+    assert "Assertion `k >= 0 && k < p.cb.K` failed" in capfd.readouterr().err
 
 
 def test_vector_quantize_empty():

@@ -61,17 +61,6 @@ struct Welford {  // no default member initializers: it also lives in __shared__
   }
 };
 
-template <typename V, typename Op>
-__device__ V block_reduce(V v, V* shared, Op op) {
-  shared[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s /= 2) {
-    if (threadIdx.x < s) shared[threadIdx.x] = op(shared[threadIdx.x], shared[threadIdx.x + s]);
-    __syncthreads();
-  }
-  return shared[0];
-}
-
 __device__ __forceinline__ float silu(float y) { return y / (1.f + expf(-y)); }
 __device__ __forceinline__ float silu_grad(float y) {
   const float s = 1.f / (1.f + expf(-y));

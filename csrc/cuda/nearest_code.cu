@@ -21,15 +21,14 @@ namespace vqfast {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kRowsPerThread = 4;                          // rows of a warp: each lane computes them all
 constexpr int kCodesPerLane = 4;                           // codes of a lane: lane + 32 j
 constexpr int kSearchWarps = 4;                            // one per kRowsPerThread rows of the block
-constexpr int kSearchThreads = kSearchWarps * kWarp;       // 128
+constexpr int kSearchThreads = kSearchWarps * kWarpSize;   // 128
 constexpr int kBlockRows = kSearchWarps * kRowsPerThread;  // 16
-constexpr int kBlockCodes = kWarp * kCodesPerLane;         // 128: a code tile, one norm per thread
+constexpr int kBlockCodes = kWarpSize * kCodesPerLane;     // 128: a code tile, one norm per thread
 constexpr int kChunk = 16;                                 // d values per staged chunk (run-time D)
-constexpr int kMinSpan = kWarp;                            // codes per split at least: a code per lane
+constexpr int kMinSpan = kWarpSize;                        // codes per split at least: a code per lane
 static_assert(kBlockCodes == kSearchThreads, "each thread sums one code norm of the tile");
 static_assert(kRowsPerThread == 4, "the warp merge halves 4 rows over lanes 16 and 8 apart");
 
@@ -41,7 +40,7 @@ __device__ __forceinline__ bool better(float d1, int k1, float d2, int k2) {
   return d1 < d2 || (d1 == d2 && k1 < k2);
 }
 
-// Splits' partial results as plain (distance, index) pairs; a thread that saw no code holds (inf, INT_MAX),
+// Splits' partial results as plain (distance, index) pairs (shfl_xor moves them between lanes); a thread that saw no code holds (inf, INT_MAX),
 // which every real candidate beats.
 struct Best {
   float dist;
@@ -51,14 +50,6 @@ struct Best {
   }
   __device__ __forceinline__ void update(const Best& o) { update(o.dist, o.index); }
 };
-
-// The candidate of lane (this lane ^ offset), as one 64-bit shuffle.
-__device__ __forceinline__ Best shfl_xor(const Best& b, int offset) {
-  const unsigned long long packed =
-      static_cast<unsigned long long>(__float_as_uint(b.dist)) << 32 | static_cast<unsigned>(b.index);
-  const unsigned long long got = __shfl_xor_sync(0xffffffffu, packed, offset);
-  return Best{__uint_as_float(static_cast<unsigned>(got >> 32)), static_cast<int>(got & 0xffffffffu)};
-}
 
 // DC > 0: D known at compile time (one chunk of DC when DC <= kChunk); DC == 0: D at run time.
 template <typename T, int DC>
@@ -72,7 +63,7 @@ __global__ void __launch_bounds__(kSearchThreads) search_kernel(const NearestCod
 
   const T* __restrict__ z = static_cast<const T*>(p.z);
   const T* __restrict__ cb = static_cast<const T*>(p.cb.data);
-  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int64_t N = p.z_rows.count();
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBlockRows;
   const int rows = static_cast<int>(min(N - row0, static_cast<int64_t>(kBlockRows)));
@@ -109,7 +100,7 @@ __global__ void __launch_bounds__(kSearchThreads) search_kernel(const NearestCod
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) zv[i] = zs[dd][warp * kRowsPerThread + i];
 #pragma unroll
-        for (int j = 0; j < kCodesPerLane; ++j) cv[j] = cs[dd][lane + kWarp * j];
+        for (int j = 0; j < kCodesPerLane; ++j) cv[j] = cs[dd][lane + kWarpSize * j];
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i)
 #pragma unroll
@@ -127,7 +118,7 @@ __global__ void __launch_bounds__(kSearchThreads) search_kernel(const NearestCod
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < kCodesPerLane; ++j) {
-      const int c = lane + kWarp * j;
+      const int c = lane + kWarpSize * j;
       if (c >= n) continue;
       const float cn = norms[c];
 #pragma unroll

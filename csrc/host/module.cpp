@@ -3,9 +3,12 @@
 // vqfast.cuda_host copies from vqfast_C (csrc/ops.cpp). setup.py compiles each csrc/cuda/*.cu and
 // *_launch.cpp in a translation unit of its own that includes it after cuda_device.h.
 // The module also tells the launch grids the launchers choose on the emulated device (an H100's 132
-// SMs), for tests of their size.
+// SMs), for tests of their size, and lowers the largest index of the 32-bit kernels so that tests reach
+// the 64-bit ones.
 #include <Python.h>
 
+#include "host/cuda_device.h"  // before common.cuh, as in the kernels' translation units
+#include "cuda/common.cuh"
 #include "cuda/nearest_code.h"
 #include "cuda/vector_quantize.h"
 
@@ -27,9 +30,20 @@ PyObject* vector_quantize_blocks(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(vqfast::cuda::vector_quantize_blocks(rows, D));
 }
 
+// set_index32_limit(limit) -> the previous limit: launches whose largest index or offset exceeds it run
+// the int64_t kernels (common.cuh's with_index).
+PyObject* set_index32_limit(PyObject*, PyObject* args) {
+  long long limit = 0;
+  if (!PyArg_ParseTuple(args, "L", &limit)) return nullptr;
+  const long long previous = vqfast::cuda::index32_limit();
+  vqfast::cuda::index32_limit() = limit;
+  return PyLong_FromLongLong(previous);
+}
+
 PyMethodDef methods[] = {
     {"nearest_code_grid", nearest_code_grid, METH_VARARGS, "(row blocks, splits, codes per split) of the search"},
     {"vector_quantize_blocks", vector_quantize_blocks, METH_VARARGS, "blocks of vector_quantize's forward pass"},
+    {"set_index32_limit", set_index32_limit, METH_VARARGS, "sets the largest index of the 32-bit kernels"},
     {nullptr, nullptr, 0, nullptr},
 };
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda_host", "vqfast's CUDA kernels run on the host", -1, methods};
