@@ -14,6 +14,14 @@ from benchmarks.peers import CORETYPE
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]
 
+# The whole model's implementations the ratios refer to (benchmarks/models.py runs them).
+EAGER, CHANNELS_LAST, COMPILE = "eager", "eager+channels_last", "compile"
+DIFFUSERS_LAYOUTS = (EAGER, CHANNELS_LAST)  # "best diffusers": the faster of these under the same precision
+AUTO = "vqfast[auto]"
+CONVS = f"{AUTO} convs"  # the limit: vqfast[auto]'s convolutions alone
+LIMIT_GOAL = 1.15  # whole model time over its convolutions' time, at most
+MODEL_CASE_KEYS = ("model", "task", "input", "dtype")
+
 
 def num(x: float | None, digits: int = 3) -> str:
     """``x`` to ``digits`` significant digits, without an exponent; empty for None."""
@@ -37,9 +45,48 @@ def _rate(row: Row) -> str:
 
 
 def _check(row: Row) -> str:
-    if row["max_rel_err"] is None:
+    """``ok 2.9e-06 <= 5.0e-05``: the relative L2 error to diffusers' float32 output and the bound it passes."""
+    if row["error"] is None:
         return ""
-    return f"{'ok' if row['match'] else 'MISMATCH'} {row['max_rel_err']:.1e}"
+    if row["bound"] is None:
+        return f"{row['error']:.1e}"
+    return f"{'ok' if row['match'] else 'MISMATCH'} {row['error']:.1e} {'<=' if row['match'] else '>'} {row['bound']:.1e}"
+
+
+def _best(row: Row) -> str:
+    """The ratio to the faster diffusers layout, and which it was."""
+    if row["vs_best_diffusers"] is None:
+        return ""
+    return f"{_ratio(row['vs_best_diffusers'])} ({row['best_diffusers'].removeprefix('eager+') or 'nchw'})"
+
+
+def ratio(base_ms: float | None, ms: float | None) -> float | None:
+    """How many times faster than ``base_ms`` (``2.0`` = twice as fast); None when either is missing."""
+    return base_ms / ms if base_ms and ms else None
+
+
+def model_ratios(rows: list[Row]) -> None:
+    """Fills in the ratios of one model case's rows (one model, task, input and precision), from their medians:
+    ``vs_eager``, ``vs_channels_last``, ``vs_compile``, ``vs_best_diffusers`` (to the faster of diffusers' eager
+    layouts, named in ``best_diffusers``) and, on vqfast[auto]'s row, ``limit_ratio``: its time over its
+    convolutions' alone."""
+    median = {row["impl"]: row["median_ms"] for row in rows}
+    best = min((impl for impl in DIFFUSERS_LAYOUTS if impl in median), key=median.__getitem__, default=None)
+    for row in rows:
+        ms = row["median_ms"]
+        row["vs_eager"] = ratio(median.get(EAGER), ms)
+        row["vs_channels_last"] = ratio(median.get(CHANNELS_LAST), ms)
+        row["vs_compile"] = ratio(median.get(COMPILE), ms)
+        row["vs_best_diffusers"], row["best_diffusers"] = ratio(median.get(best), ms), best
+        row["limit_ratio"] = ratio(ms, median.get(CONVS)) if row["impl"] == AUTO else None
+
+
+def model_cases(rows: list[Row]) -> list[list[Row]]:
+    """``rows`` grouped by model case (MODEL_CASE_KEYS), in first-seen order."""
+    cases: dict[tuple, list[Row]] = {}
+    for row in rows:
+        cases.setdefault(tuple(row[k] for k in MODEL_CASE_KEYS), []).append(row)
+    return list(cases.values())
 
 
 OP_COLUMNS: list[Column] = [
@@ -58,18 +105,35 @@ OP_COLUMNS: list[Column] = [
     ("extra MiB", lambda r: num(r.get("peak_extra_mib"))),
     ("compile s", lambda r: num(r["compile_s"], 2)),
 ]
-MODEL_COLUMNS: list[Column] = [
+MODEL_CASE_COLUMNS: list[Column] = [
     ("model", lambda r: r["model"]),
     ("task", lambda r: r["task"]),
     ("input", lambda r: r["input"]),
     ("dtype", lambda r: r["dtype"]),
+]
+MODEL_COLUMNS: list[Column] = [
+    *MODEL_CASE_COLUMNS,
     ("impl", lambda r: r["impl"]),
     ("median ms", lambda r: num(r["median_ms"])),
+    ("IQR", _spread),
     ("n", lambda r: str(r["repeats"])),
     ("images/s", lambda r: num(r["images_per_s"])),
     ("vs eager", lambda r: _ratio(r["vs_eager"])),
+    ("vs best diffusers", _best),
+    ("vs compile", lambda r: _ratio(r["vs_compile"])),
     ("compile s", lambda r: num(r["compile_s"], 2)),
-    ("check vs eager", _check),
+    ("error vs diffusers float32", _check),
+]
+# vqfast[auto]'s rows: every ratio the comparison asks for, side by side.
+SUMMARY_COLUMNS: list[Column] = [
+    *MODEL_CASE_COLUMNS,
+    ("vqfast ms", lambda r: num(r["median_ms"])),
+    ("vs eager", lambda r: _ratio(r["vs_eager"])),
+    ("vs eager+channels_last", lambda r: _ratio(r["vs_channels_last"])),
+    ("vs compile", lambda r: _ratio(r["vs_compile"])),
+    ("vs best diffusers", _best),
+    (f"limit (<= {LIMIT_GOAL})", lambda r: num(r["limit_ratio"])),
+    ("error vs diffusers float32", _check),
 ]
 
 
@@ -138,7 +202,18 @@ def render(results: dict[str, Any], table: Callable[[list[Row], list[Column]], s
     if results["ops"]:
         parts += [f"{heading}Ops", table(results["ops"], OP_COLUMNS)]
     if results["models"]:
-        parts += [f"{heading}Whole model (images/s = batch / median)", table(results["models"], MODEL_COLUMNS)]
+        summary = [row for row in results["models"] if row["impl"] == AUTO]
+        if summary:
+            parts += [
+                f"{heading}Whole model: vqfast[auto] against diffusers",
+                "Ratios > 1: vqfast is faster. best diffusers: the faster of eager (NCHW) and eager+channels_last "
+                f"under the same precision. limit: vqfast's time over its convolutions' alone (goal <= {LIMIT_GOAL}). "
+                "error: relative L2 to diffusers' float32 output; it passes within 5e-5 in float32, within 1.25x "
+                "diffusers eager's own error in reduced precision.",
+                table(summary, SUMMARY_COLUMNS),
+            ]
+        parts += [f"{heading}Whole model, every implementation (images/s = batch / median)",
+                  table(results["models"], MODEL_COLUMNS)]
     if results["skipped"]:
         parts.append(f"{heading}Not run")
         parts.append(

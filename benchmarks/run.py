@@ -1,11 +1,13 @@
 """``python -m benchmarks.run`` (``make bench``): vqfast against eager PyTorch as diffusers writes it,
-torch.compile of the same, and faiss, per op and for the whole model. Prints a table and writes
-JSON, markdown and a PNG chart under benchmarks/results/, named by device and date.
+torch.compile of the same, and faiss, per op; and for the whole model against diffusers eager in NCHW and
+channels_last, under torch.compile and under autocast, with the limit row (vqfast's convolutions alone).
+Prints a table and writes JSON, markdown and a PNG chart under benchmarks/results/, named by device and date.
 
 Every available vqfast backend is picked up by itself (``vqfast.backends()``); the results record
-the BLAS each peer loaded and its core (:mod:`benchmarks.peers`). The default run
-covers every op, shape and dtype of the comparison on the default device (CUDA when present) and
-fits in 5 minutes on a 2-core CPU; ``--quick`` runs tiny shapes once, to check that it all works.
+the BLAS each peer loaded and its core (:mod:`benchmarks.peers`). The default run covers every op, shape and
+dtype of the comparison and every model case on the default device (CUDA when present); on a 2-core CPU it
+takes about half an hour, most of it compiling diffusers' models (benchmarks/README.md, "Run time");
+``--quick`` runs tiny shapes once, to check that it all works.
 """
 
 from __future__ import annotations
@@ -29,7 +31,22 @@ import torch
 import vqfast
 from benchmarks import peers, report
 from benchmarks.cases import BASELINES, LAYOUTS, OPS, Case, build, implementation, make_cases, plan
-from benchmarks.models import MODELS, TASKS, ModelCase, build_model, check, model_plan
+from benchmarks.models import (
+    AUTO,
+    CONVS,
+    EAGER,
+    LARGE_DECODE_IMPLS,
+    MODEL_DTYPES,
+    MODELS,
+    PEERS,
+    ModelBench,
+    ModelCase,
+    build_model,
+    error_bound,
+    model_plan,
+    relative_l2,
+    runs_task,
+)
 from benchmarks.peak import measure_peaks
 from benchmarks.progress import Progress, progress
 from benchmarks.report import Row
@@ -79,7 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="tiny shapes, models narrowed to a quarter of their channels at 32x32, one repeat, float32, NCHW",
+        help="tiny shapes, once, ops in float32 and NCHW; models narrowed to a quarter of their channels at 32x32 "
+        "(decodes at 64x64), without torch.compile",
     )
     p.add_argument("--ops", type=_choices(OPS), default=list(OPS), help=f"of {', '.join(OPS)}; default all")
     p.add_argument(
@@ -104,10 +122,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--backends",
         type=_choices(IMPLS),
         default=[impl for impl in IMPLS if impl not in EMULATED],
-        help=f"what the ops compare, of {', '.join(IMPLS)} (vqfast backends run where available; eager "
-        "and compile also set the whole model's baselines); default all but the emulated (cuda_host)",
+        help=f"what the ops compare, of {', '.join(IMPLS)} (vqfast backends run where available); default all "
+        "but the emulated (cuda_host)",
     )
     p.add_argument("--models", type=_choices(MODELS), default=list(MODELS), help=f"of {', '.join(MODELS)}; default all")
+    p.add_argument(
+        "--model-peers",
+        type=_choices(PEERS),
+        default=None,
+        help=f"diffusers' whole model beside eager (NCHW, always run: the reference), of {', '.join(PEERS)}; "
+        "default both (eager+channels_last alone with --quick)",
+    )
     p.add_argument(
         "--model-backends",
         type=_choices(("auto", *BACKENDS)),
@@ -115,15 +140,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="vqfast backends for the whole model; default auto (each op's default choice)",
     )
     p.add_argument(
-        "--model-dtypes", type=_choices(DTYPES), default=None, help="default float32 on the CPU, float16 on CUDA"
+        "--model-dtypes",
+        type=_choices(MODEL_DTYPES),
+        default=None,
+        help="the models' precisions (autocast-*: float32 weights, calls under torch.autocast); default "
+        "float32,autocast-bfloat16 on the CPU, float16,autocast-float16 on CUDA",
+    )
+    p.add_argument(
+        "--model-compile-dtypes",
+        type=_choices(MODEL_DTYPES),
+        default=None,
+        help="the precisions torch.compile runs the models in (diffusers' compile, vqfast's with --model-compile); "
+        "default float32 on the CPU (a compile costs about a minute per model and task there), all on CUDA",
     )
     p.add_argument("--resolution", type=int, default=None, help="model input size; default 256 (512 on CUDA)")
+    p.add_argument(
+        "--decode-resolution",
+        type=int,
+        default=None,
+        help="extra decode rows at this input size, in the first model dtype, on eager, eager+channels_last and "
+        "vqfast[auto]; default 512 on the CPU (64 with --quick), none on CUDA (its --resolution is 512); 0: none",
+    )
     p.add_argument("--batch", type=int, default=1, help="model batch size; default 1")
     p.add_argument(
         "--model-compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile the models too; default on CUDA only (a minute per model and task on a CPU)",
+        help="torch.compile vqfast's models too; default on CUDA only (a minute per model and task on a CPU)",
+    )
+    p.add_argument(
+        "--model-convs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the limit row, vqfast[auto] convs: the convolutions of one vqfast[auto] call, replayed alone; "
+        "default on",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="add vqfast[auto]+graph: decode captured once in a CUDA graph at the fixed shape, replayed (CUDA only)",
     )
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement; default 0.1")
     p.add_argument("--min-repeats", type=int, default=None, help="timed calls per op at least; default 3")
@@ -145,10 +200,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     quick = args.quick
+    autocast = "autocast-float16" if cuda else "autocast-bfloat16"
     defaults = {
         "dtypes": ["float32"] if quick else ["float32", "bfloat16"] + ["float16"] * cuda,
-        "model_dtypes": ["float16"] if cuda and not quick else ["float32"],
+        "model_dtypes": ["float16" if cuda and not quick else "float32", autocast],
+        "model_compile_dtypes": list(MODEL_DTYPES) if cuda else ["float32"],
+        "model_peers": [p for p in PEERS if not quick or p != "compile"],
         "resolution": 32 if quick else (512 if cuda else 256),
+        "decode_resolution": 0 if cuda else (64 if quick else 512),
         "model_compile": cuda and not quick,
         "budget": 0.0 if quick else 0.1,
         "min_repeats": 1 if quick else 3,
@@ -257,53 +316,33 @@ def run_ops(
 
 
 def run_models(
-    cases: list[ModelCase],
-    impls: list[str],
+    plans: list[tuple[ModelCase, list[str]]],
     device: torch.device,
     args: argparse.Namespace,
     progress: Progress,
     skip: Callable[[str, str, str], None],
 ) -> list[Row]:
-    """Per task, the implementations take turns call by call (eager, vqfast, eager, ...), so that a
-    machine's drift during the minutes a model takes weighs on every one of them alike."""
+    """Per case and task, every implementation runs once untimed (compile's compiling call, timed apart;
+    vqfast[auto]'s call recording its convolutions stands as its own), then the timed calls take turns call by
+    call (eager, vqfast, eager, ...), so that a machine's drift during the minutes a model takes weighs on every
+    one of them alike."""
     rows: list[Row] = []
-    for case in cases:
-        bench = build_model(case, device, with_vqfast=any(i.startswith("vqfast") for i in impls))
-        expected: dict[str, torch.Tensor] = {}
+    for case, impls in plans:
+        bench = build_model(case, device, impls)
         case_rows = []
-        for task in TASKS:
-            calls = {impl: bench.function(impl, task) for impl in impls}
-            times: dict[str, list[float]] = {impl: [] for impl in impls}
-            outputs: dict[str, Any] = {}
-            compile_s: dict[str, float | None] = {}
-            for impl in impls:  # compilation, and on CUDA a warmup call, apart from the timed calls
-                progress.set_postfix_str(f"{case.label} {task} {impl}")
-                try:
-                    compile_s[impl] = timed_call(calls[impl], device)[0] if impl.endswith("compile") else None
-                    if device.type == "cuda":
-                        calls[impl]()
-                except Exception as exc:  # noqa: BLE001  as for the ops
-                    skip(f"{case.label} {task}", impl, _failure(exc))
-                    del calls[impl]
-            for _ in range(args.model_repeats):
-                for impl in list(calls):
-                    try:
-                        seconds, outputs[impl] = timed_call(calls[impl], device)
-                    except Exception as exc:  # noqa: BLE001
-                        skip(f"{case.label} {task}", impl, _failure(exc))
-                        del calls[impl]
-                    else:
-                        times[impl].append(seconds)
-            for impl in impls:
+        for task in case.tasks:
+            task_impls = [impl for impl in impls if runs_task(impl, task)]
+            calls, compile_s = prepare_model_calls(bench, task, task_impls, progress, skip)
+            times, outputs = take_turns(calls, device, args.model_repeats, lambda impl, reason: skip(
+                f"{case.label} {task}", impl, reason))
+            errors = model_errors(bench, task, outputs)
+            for impl in task_impls:
                 progress.set_postfix_str(f"{case.label} {task} {impl}")
                 progress.update()
                 if impl not in calls:
                     continue
                 timing = Timing(times[impl], outputs[impl])
-                if impl == "eager":
-                    expected[task] = outputs[impl]
-                checked = impl != "eager" and task in expected
-                error, match = check(outputs[impl], expected[task], case.dtype) if checked else (None, None)
+                error, bound = errors.get(impl, (None, None))
                 case_rows.append(
                     {
                         "model": case.model + " (narrow)" * case.narrow,
@@ -314,19 +353,131 @@ def run_models(
                         "median_ms": 1e3 * timing.median_s,
                         "iqr_ms": 1e3 * timing.iqr_s,
                         "repeats": len(timing.times_s),
-                        "compile_s": compile_s[impl],
-                        "cost_s": (compile_s[impl] or 0.0) + sum(timing.times_s),
+                        "compile_s": compile_s.get(impl),
+                        "cost_s": (compile_s.get(impl) or 0.0) + sum(timing.times_s),
                         "images_per_s": case.batch / timing.median_s,
-                        "max_rel_err": error,
-                        "match": match,
+                        "error": error,
+                        "bound": bound,
+                        "match": None if error is None or bound is None else error <= bound,
                     }
                 )
-        for task in TASKS:
-            _ratios([r for r in case_rows if r["task"] == task], "vs_eager", "eager")
+            del calls, outputs
+        for task_rows in report.model_cases(case_rows):
+            report.model_ratios(task_rows)
         rows += case_rows
-        del bench, expected
+        del bench
         _release(device)
     return rows
+
+
+def prepare_model_calls(
+    bench: ModelBench,
+    task: str,
+    impls: list[str],
+    progress: Progress,
+    skip: Callable[[str, str, str], None],
+) -> tuple[dict[str, Callable[[], Any]], dict[str, float]]:
+    """Each implementation's call of ``task``, having run once: compilation (its seconds returned), the limit
+    row's recording of vqfast[auto]'s convolutions, the CUDA graph's capture, a warmup call for the rest. An
+    implementation that fails is left out, with the reason."""
+    label = f"{bench.case.label} {task}"
+    calls: dict[str, Callable[[], Any]] = {}
+    compile_s: dict[str, float] = {}
+    # Every call made before any first call: making a compiled one resets torch._dynamo, dropping what another
+    # had compiled.
+    for impl in impls:
+        progress.set_postfix_str(f"{label} {impl} (setting up)")
+        try:
+            calls[impl] = bench.function(impl, task)
+        except Exception as exc:  # noqa: BLE001  any failure: reported, not fatal
+            skip(label, impl, _failure(exc))
+    for impl in list(calls):
+        progress.set_postfix_str(f"{label} {impl} (first call)")
+        try:
+            if impl.endswith("compile"):
+                compile_s[impl] = timed_call(calls[impl], bench.device)[0]
+            elif not (impl == AUTO and CONVS in calls):  # the limit row's recording call warmed it
+                calls[impl]()
+        except Exception as exc:  # noqa: BLE001  compile "where it works", and any failure: reported, not fatal
+            skip(label, impl, _failure(exc))
+            del calls[impl]
+    return calls, compile_s
+
+
+def take_turns(
+    calls: dict[str, Callable[[], Any]],
+    device: torch.device,
+    repeats: int,
+    skip: Callable[[str, str], None],
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """``repeats`` timed calls of each, in turns; the seconds and each one's last output. A call that fails is
+    dropped from ``calls`` with the reason."""
+    times: dict[str, list[float]] = {impl: [] for impl in calls}
+    outputs: dict[str, Any] = {}
+    for _ in range(repeats):
+        for impl in list(calls):
+            try:
+                seconds, outputs[impl] = timed_call(calls[impl], device)
+            except Exception as exc:  # noqa: BLE001
+                skip(impl, _failure(exc))
+                del calls[impl]
+            else:
+                times[impl].append(seconds)
+    return times, outputs
+
+
+def model_errors(bench: ModelBench, task: str, outputs: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
+    """Each output's relative L2 error to diffusers' float32 output on the same inputs, and the bound it must
+    meet (DESIGN.md section 1). In float32 eager's output is that reference; the limit row's output means
+    nothing."""
+    float32 = bench.case.dtype == "float32"
+    if float32 and EAGER not in outputs:
+        return {}
+    reference = outputs[EAGER] if float32 else bench.float32_output(task)
+    errors = {impl: relative_l2(out, reference) for impl, out in outputs.items() if impl != CONVS}
+    if float32:
+        del errors[EAGER]
+    bound = error_bound(bench.case.dtype, errors.get(EAGER))
+    return {impl: (error, bound) for impl, error in errors.items()}
+
+
+def model_plans(
+    args: argparse.Namespace, device: torch.device, skip: Callable[[str, str, str], None]
+) -> list[tuple[ModelCase, list[str]]]:
+    """Every model case asked for, with the implementations it runs: the full cases (every task at
+    ``--resolution``, each model dtype), then the large decode cases; compile only in ``--model-compile-dtypes``.
+    What is left out is reported through ``skip``."""
+    if not args.models:
+        return []
+    impls, left_out = model_plan(
+        args.model_peers, args.model_backends, args.model_compile, device, args.model_convs, args.cuda_graphs
+    )
+    for impl, reason in left_out.items():
+        skip("whole model", impl, reason)
+    if args.quick and "compile" not in args.model_peers:
+        skip("whole model", "compile", "off with --quick (--model-peers compile turns it on)")
+    cases = [
+        ModelCase(model, args.resolution, args.batch, dtype, args.quick)
+        for model in args.models
+        for dtype in args.model_dtypes
+    ]
+    if args.decode_resolution:
+        cases += [
+            ModelCase(model, args.decode_resolution, args.batch, args.model_dtypes[0], args.quick, ("decode",))
+            for model in args.models
+        ]
+    plans = []
+    for case in cases:
+        case_impls = []
+        for impl in impls:
+            if case.tasks == ("decode",) and impl not in LARGE_DECODE_IMPLS:
+                skip(f"{case.label} decode", impl, f"the large decode rows run {', '.join(LARGE_DECODE_IMPLS)} only")
+            elif impl.endswith("compile") and case.dtype not in args.model_compile_dtypes:
+                skip(case.label, impl, "not in --model-compile-dtypes (default float32 on the CPU)")
+            else:
+                case_impls.append(impl)
+        plans.append((case, case_impls))
+    return plans
 
 
 def device_name(device: torch.device) -> str:
@@ -396,28 +547,15 @@ def main(argv: list[str] | None = None) -> int:
         for impl, reason in left_out.items():
             skip(case.label, impl, reason)
         plans.append((case, impls))
-    model_cases = [
-        ModelCase(m, args.resolution, args.batch, d, args.quick) for m in args.models for d in args.model_dtypes
-    ]
-    model_impls, left_out = (
-        ([], {}) if not model_cases else model_plan(args.backends, args.model_backends, args.model_compile)
-    )
-    for impl, reason in left_out.items():
-        skip("whole model", impl, reason)
-    if model_cases and not args.model_compile and "compile" in args.backends:
-        skip(
-            "whole model",
-            "compile",
-            "off: --model-compile turns it on (default on CUDA; a minute per model and task on a CPU)",
-        )
-
-    total = sum(len(i) for _, i in plans) + len(model_cases) * len(model_impls) * len(TASKS)
+    models = model_plans(args, device, skip)
+    total = sum(len(i) for _, i in plans)
+    total += sum(runs_task(impl, task) for case, impls in models for task in case.tasks for impl in impls)
     bar = progress(total)
     try:
         bar.set_postfix_str("measuring peaks")
         peaks = measure_peaks(device, quick=args.quick)
         op_rows = run_ops(plans, device, peaks, args, bar, skip)
-        model_rows = run_models(model_cases, model_impls, device, args, bar, skip)
+        model_rows = run_models(models, device, args, bar, skip)
     finally:
         bar.close()
 
