@@ -17,9 +17,11 @@ each step timed and stopped at its own time limit, all of them inside one overal
    tensor's end reaches unallocated memory; skipped, saying so, when no compute-sanitizer is found;
 5. ``bench-*``: ``python3 -m benchmarks.run --device cuda`` in parts, most valuable first, each its own
    process, so that one stopped at its limit loses only itself: every op, shape, dtype and layout on eager
-   and every vqfast backend; the whole models on eager and vqfast (auto, triton, native); then
-   torch.compile of the ops, one op at a time; then of the models, one model at a time. The parts are
-   merged into one result (ratios recomputed over the merged rows), as ``benchmarks.run`` writes it;
+   and every vqfast backend; the whole models in float16 and autocast-float16 on diffusers eager (NCHW and
+   channels_last) and vqfast (auto, triton, native), with the limit row (vqfast[auto]'s convolutions alone)
+   and vqfast[auto]'s decode in a CUDA graph; then torch.compile of the ops, one op at a time; then of the
+   models (diffusers and vqfast, float16), one model at a time. The parts are merged into one result (ratios
+   recomputed over the merged rows), as ``benchmarks.run`` writes it;
 6. everything goes into one folder, at most 8 files, as the device tool brings back: ``gpu-check.md``
    (the step table and each step's summary), ``gpu-check.log`` (every step's output), ``gpu-check.json``
    (the step table as data), ``gpu-check.tar.gz`` (each step's log, the JUnit XML, each part's results),
@@ -284,16 +286,18 @@ def plan_steps(args: argparse.Namespace, python: str, work: Path, dry: bool) -> 
 
     eager_and_backends = "eager,torch,triton,native" + (",faiss" if dry else "")
     bench("ops", 200, "--backends", eager_and_backends, "--models", "none")
-    bench("models", 100, "--ops", "none", "--backends", "eager", "--model-backends", "auto,triton,native",
-          "--no-model-compile", *(["--models", "amused-256"] if dry else []))
+    # The models in their default precisions (float16 and autocast-float16 at 512x512 on CUDA): diffusers eager in
+    # both layouts, vqfast on each backend, the limit row, vqfast's decode in a CUDA graph.
+    bench("models", 180, "--ops", "none", "--model-peers", "eager+channels_last", "--model-backends",
+          "auto,triton,native", "--no-model-compile", "--cuda-graphs", *(["--models", "amused-256"] if dry else []))
     for op in OPS:
         skip = "dry run: one op compiled (on a CPU, a compile costs seconds)" if dry and op != "codebook_gather" else ""
         bench(f"compile-{op.replace('+', '-')}", 75, "--ops", op, "--backends", "eager,compile", "--models", "none",
               skip=skip)
-    for model in MODELS:
+    for model in MODELS:  # float16 alone: each precision compiles diffusers and vqfast once per task
         skip = "dry run: on a CPU a model's compile costs a minute per task" if dry else ""
-        bench(f"compile-{model}", 150, "--ops", "none", "--models", model, "--backends", "eager,compile",
-              "--model-backends", "auto", "--model-compile", skip=skip)
+        bench(f"compile-{model}", 150, "--ops", "none", "--models", model, "--model-dtypes", "float16",
+              "--model-peers", "compile", "--model-backends", "auto", "--model-compile", "--no-model-convs", skip=skip)
     return steps
 
 
@@ -336,9 +340,11 @@ def junit_counts(path: Path) -> str:
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The benchmark parts as one ``benchmarks.run`` result: the first part's stamp and peaks, each op case's
     and model task's rows once per implementation (the first part's row wins: the eager rows every part
-    repeats), the ratios to eager and compile recomputed over the merged rows, and the skips of every part."""
+    repeats), the ratios recomputed over the merged rows (the ops' to eager and compile, the models' as the
+    runner gives them), and the skips of every part."""
     if not parts:
         return None
+    from benchmarks.report import model_ratios  # light (no torch), unlike the runner
     meta = dict(parts[0]["meta"])
     meta["wall_s"] = sum(p["meta"].get("wall_s", 0.0) for p in parts)
     meta["command"] = " ; ".join(p["meta"].get("command", "") for p in parts)
@@ -355,9 +361,10 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
         for row in rows.values():
             cases.setdefault(tuple(row[k] for k in case_keys), []).append(row)
         for case_rows in cases.values():
+            if key == "models":
+                model_ratios(case_rows)
+                continue
             for ratio, against in (("vs_eager", "eager"), ("vs_compile", "compile")):
-                if key == "models" and ratio == "vs_compile":
-                    continue  # the runner gives models only vs_eager
                 base = next((r["median_ms"] for r in case_rows if r["impl"] == against), None)
                 for row in case_rows:
                     row[ratio] = base / row["median_ms"] if base and row["median_ms"] else None

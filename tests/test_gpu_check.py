@@ -31,7 +31,9 @@ def _part(ops: list[tuple], models: list[tuple] = (), skipped: list[dict] = ()) 
 
 def test_merge_recomputes_ratios_and_keeps_the_first_eager_row():
     skip = {"impl": "vqfast[triton]", "reason": "failed: x", "cases": ["a"]}
-    first = _part([("a", "eager", 2.0), ("a", "vqfast[native]", 1.0)], [("encode", "eager", 10.0)], [skip])
+    first = _part([("a", "eager", 2.0), ("a", "vqfast[native]", 1.0)],
+                  [("encode", "eager", 10.0), ("encode", "eager+channels_last", 8.0), ("encode", "vqfast[auto]", 4.0),
+                   ("encode", "vqfast[auto] convs", 3.2)], [skip])
     second = _part([("a", "eager", 4.0), ("a", "compile", 0.5)],
                    [("encode", "eager", 20.0), ("encode", "compile", 5.0)], [skip])
     merged = gpu_check.merge_results([first, second])
@@ -41,7 +43,9 @@ def test_merge_recomputes_ratios_and_keeps_the_first_eager_row():
     assert rows["vqfast[native]"]["vs_eager"] == 2.0 and rows["vqfast[native]"]["vs_compile"] == 0.5
     assert rows["compile"]["vs_eager"] == 4.0
     models = {r["impl"]: r for r in merged["models"]}
-    assert models["compile"]["vs_eager"] == 2.0 and "vs_compile" not in models["compile"]
+    assert models["compile"]["vs_eager"] == 2.0 and models["compile"]["vs_compile"] == 1.0
+    auto = models["vqfast[auto]"]  # the models' ratios as the runner gives them, across parts
+    assert auto["vs_compile"] == 1.25 and auto["vs_best_diffusers"] == 2.0 and auto["limit_ratio"] == 1.25
     assert merged["skipped"] == [skip]
     assert merged["meta"]["wall_s"] == 2.0
     assert gpu_check.merge_results([]) is None
@@ -105,4 +109,8 @@ def test_dry_run(tmp_path):
     impls = {r["impl"] for r in merged["ops"]}
     assert {"eager", "compile", "vqfast[native]"} <= impls
     assert any(r["impl"] == "compile" and r["vs_eager"] for r in merged["ops"])
-    assert {r["impl"] for r in merged["models"]} >= {"eager", "vqfast[auto]"}
+    assert {r["impl"] for r in merged["models"]} >= {"eager", "eager+channels_last", "vqfast[auto]",
+                                                      "vqfast[auto] convs"}
+    assert {r["dtype"] for r in merged["models"]} == {"float32", "autocast-bfloat16"}
+    assert any(r["limit_ratio"] for r in merged["models"])
+    assert any("CUDA graphs need a CUDA device" in s["reason"] for s in merged["skipped"])
