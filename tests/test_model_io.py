@@ -47,6 +47,28 @@ def test_state_dict_loads_both_ways(tiny_config, make_pair):
     assert_same_weights(fresh_ref, ours)
 
 
+def conv_weights_channels_last(model: torch.nn.Module) -> bool:
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+
+
+def test_weights_channels_last_inside_contiguous_in_checkpoints(tiny_config, make_pair, tmp_path):
+    """Convolution weights live in channels_last however the model was made or loaded; state_dict and the
+    files hold diffusers' contiguous layout (safetensors refuses anything else)."""
+    ref, ours = make_pair(tiny_config)
+    assert conv_weights_channels_last(vqfast.VQModel(**tiny_config)) and conv_weights_channels_last(ours)
+    assert all(value.is_contiguous() for value in ours.state_dict().values())
+    safetensors.torch.save_file(ours.state_dict(), tmp_path / "direct.safetensors")
+    ours.save_pretrained(tmp_path / "ours")
+    loaded = vqfast.VQModel.from_pretrained(tmp_path / "ours")
+    assert conv_weights_channels_last(loaded)
+    assert_same_weights(loaded, ref)
+    assert not conv_weights_channels_last(ours.to_diffusers())  # diffusers' own layout
+    reloaded = vqfast.VQModel(**tiny_config)
+    reloaded.load_state_dict(ref.state_dict(), assign=True)
+    assert conv_weights_channels_last(reloaded)
+
+
 def test_deprecated_attention_keys_load(tiny_config, make_pair, tmp_path):
     ref, _ = make_pair(tiny_config)
     old = deprecated_state_dict(ref.state_dict())

@@ -42,7 +42,11 @@ class Attention(nn.Module):
         batch, channels, height, width = x.shape
         # (B, HW, C) tokens: free for channels_last input; otherwise one copy serves q, k and v.
         tokens = norm(x, zq).flatten(2).transpose(1, 2).contiguous()
-        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
+        # q, k and v in one matrix product (one read of the tokens), split as views.
+        projections = (self.to_q, self.to_k, self.to_v)
+        weight = torch.cat([proj.weight for proj in projections])
+        bias = torch.cat([proj.bias for proj in projections])
+        q, k, v = F.linear(tokens, weight, bias).unsqueeze(1).chunk(3, dim=-1)
         out = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
         # Residual first, so the result keeps the input's memory format (diffusers adds it second, which
         # turns an NCHW model into channels_last from its first attention on; the values are the same).

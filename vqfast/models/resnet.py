@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqfast.models.conv import conv2d_add, upsample2x_conv3x3
 from vqfast.models.norms import norm_act
 
 
@@ -29,10 +30,12 @@ class ResnetBlock2D(nn.Module):
         h = self.norm1(x, zq)
         h = self.conv1(h)
         h = self.norm2(h, zq)
+        # The residual add rides on the last convolution; the shortcut runs after conv2, as in diffusers,
+        # so that norm2's output is freed before the shortcut's is made.
+        if self.conv_shortcut is None:
+            return conv2d_add(self.conv2, h, x)
         h = self.conv2(h)
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
+        return conv2d_add(self.conv_shortcut, x, h)
 
 
 class Downsample2D(nn.Module):
@@ -54,8 +57,6 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As diffusers: the channels_last nearest kernel has failed on large batches and on outputs of
-        # 2**31 elements or more (diffusers#984, pytorch#141831), so those go through NCHW.
-        if x.shape[0] >= 64 or x.numel() * 2 > 2**31:
-            x = x.contiguous()
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        # The upsampled tensor is never made (nor torch's channels_last nearest kernel run, which has failed
+        # on large batches: diffusers#984, pytorch#141831).
+        return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias)

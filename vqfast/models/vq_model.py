@@ -1,6 +1,6 @@
 """``vqfast.VQModel``: diffusers' VQModel (same constructor, config, checkpoint keys and outputs) on vqfast's ops."""
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import diffusers
 import torch
@@ -11,6 +11,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
+from vqfast.layout import memory_format
 from vqfast.models.quantizer import VectorQuantizer
 from vqfast.models.vae import Decoder, Encoder
 
@@ -77,11 +78,25 @@ class VQModel(ModelMixin, AutoencoderMixin, ConfigMixin):
             norm_type=norm_type,
             mid_block_add_attention=mid_block_add_attention,
         )
+        # Convolution weights live in channels_last, as the activations do (else every call converts
+        # them); state_dict() gives them in the checkpoints' contiguous layout, and a load converts back.
+        _weights_channels_last(self)
+        self.register_state_dict_post_hook(_contiguous_state)
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: _weights_channels_last(module))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | None, **kwargs: Any) -> Any:
+        """diffusers' ``from_pretrained`` (same arguments and result), with the convolution weights it
+        loaded in place (not through load_state_dict) put back into channels_last."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        _weights_channels_last(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
 
     @apply_forward_hook
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> VQEncoderOutput | tuple[torch.Tensor]:
-        """Image ``x`` (B, in_channels, H, W) -> latents (B, vq_embed_dim, h, w), before quantization."""
-        h = self.quant_conv(self.encoder(x))
+        """Image ``x`` (B, in_channels, H, W) -> latents (B, vq_embed_dim, h, w), before quantization, in x's
+    memory format (channels_last inside)."""
+        h = self.quant_conv(self.encoder(_channels_last(x))).contiguous(memory_format=memory_format(x))
         return VQEncoderOutput(latents=h) if return_dict else (h,)
 
     @apply_forward_hook
@@ -94,13 +109,16 @@ class VQModel(ModelMixin, AutoencoderMixin, ConfigMixin):
     ) -> DecoderOutput | tuple[torch.Tensor, torch.Tensor]:
         """Latents -> image. ``h`` is quantized first unless ``force_not_quantize``; then, with
         ``lookup_from_codebook``, ``h`` holds codebook indices for a latent of ``shape`` (B, h, w, C).
-        ``commit_loss`` is the quantizer's loss, or zeros of shape (B,) and h's dtype when not quantizing."""
+        ``commit_loss`` is the quantizer's loss, or zeros of shape (B,) and h's dtype when not quantizing. The image
+        comes in h's memory format (channels_last inside)."""
+        output_format = memory_format(h)
         if not force_not_quantize:
-            quant, commit_loss, _ = self.quantize(h)
+            quant, commit_loss, _ = self.quantize(_channels_last(h))
         else:
-            quant = self._look_up(h, shape) if self.config.lookup_from_codebook else h
+            quant = _channels_last(self._look_up(h, shape) if self.config.lookup_from_codebook else h)
             commit_loss = h.new_zeros(h.shape[0])
         dec = self.decoder(self.post_quant_conv(quant), quant if self.config.norm_type == "spatial" else None)
+        dec = dec.contiguous(memory_format=output_format)
         return DecoderOutput(sample=dec, commit_loss=commit_loss) if return_dict else (dec, commit_loss)
 
     def _look_up(self, h: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:
@@ -125,6 +143,27 @@ class VQModel(ModelMixin, AutoencoderMixin, ConfigMixin):
     def to_diffusers(self) -> diffusers.VQModel:
         """A ``diffusers.VQModel`` with this model's config and a copy of its weights."""
         return _convert(self, diffusers.VQModel)
+
+
+def _weights_channels_last(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+
+
+def _contiguous_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: tensors in the checkpoints' (contiguous) layout, as diffusers' model gives
+    them and as safetensors' save_file requires."""
+    for key, value in state_dict.items():
+        if not value.is_contiguous():
+            state_dict[key] = value.contiguous()
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x in channels_last, the layout every convolution and norm inside the model runs in (the fastest for
+    oneDNN and cuDNN convolutions alike); parameters stay in the checkpoints' layout. Other ranks (a bad
+    input, left to the first convolution's error) pass as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _convert(model: ModelMixin, cls: type[Model]) -> Model:
