@@ -1,12 +1,15 @@
 """The CUDA kernels (csrc/cuda/) run on the host (the cuda_host backend, csrc/host/) against the torch
 reference, op by op at the lowered signatures, forward and backward, in float32, float16 and bfloat16,
 on the layouts and edge cases the kernels treat apart: the D = 4 search and the run-time-D one, the
-codebook split over blocks (the grid chosen for 132 SMs), the group reduction split (groups over 4096
-elements), ties, NaN, batch 0, the deterministic and the atomic scatters, device-side asserts. The public ops on this backend
-are the conformance suite's."""
+codebook split over blocks (the grid chosen for 132 SMs), group norm's per-channel reductions split over
+blocks and tiled by 32 channels when channels last, 16-byte accesses and their scalar fallbacks, the
+int64_t index paths, ties, NaN, batch 0, the deterministic (chunked) and the atomic scatters,
+device-side asserts; and the launch grids at the shapes they were sized for. The public ops on this
+backend are the conformance suite's."""
 
 import contextlib
 import importlib.machinery
+import math
 import importlib.util
 import os
 
@@ -310,10 +313,88 @@ def test_group_norm_act_options(affine, silu):
     run_norm(*norm_case((3, 4, 3, 5), F32, affine=affine, spatial=not affine), F32, silu)
 
 
+@pytest.mark.parametrize(
+    "shape,channels_last,grid",
+    [((1, 2, 96, 96), False, (1, 3, 3072)),  # each channel's 9216 positions in 3 blocks
+     ((1, 4, 48, 48), True, (32, 18, 128)),  # one tile of 32 lanes, 4 of them channels
+     ((1, 40, 24, 24), True, (32, 5, 120))],  # two tiles (the second 8 channels), groups across tiles
+    ids=["nchw", "channels_last", "channels_last_two_tiles"],
+)
+def test_group_norm_act_split_reduction(shape, channels_last, grid):
+    """The per-(n, c) reductions split over blocks (grid = (channels per block, splits, positions per
+    split) on 132 SMs), merged in order, then over each group's channels."""
+    n, c, *spatial = shape
+    assert host_module().group_norm_grid(n, c, math.prod(spatial), 2, channels_last) == grid
+    run_norm(*norm_case(shape, F32, channels_last, spatial=True), F32, silu=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 512, 64, 64), (1, 128, 256, 256)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_group_norm_act_split_reduction(channels_last):
-    """Groups of 2 x 48 x 48 = 4608 elements: two blocks per group, combined in order."""
-    run_norm(*norm_case((1, 4, 48, 48), F32, channels_last, spatial=True), F32, silu=True)
+def test_group_norm_grid_fills_the_gpu(shape, channels_last):
+    """Batch-1 shapes the reductions used to run on 32 groups' splits (forward and backward statistics) or
+    C blocks (channel gradients, channels last walking channel c at stride C): about four blocks per SM on
+    132 SMs now, every split covering positions, none empty; 32 channels per block when channels last."""
+    n, c, h, w = shape
+    tile, splits, chunk = host_module().group_norm_grid(n, c, h * w, 32, channels_last)
+    assert tile == (32 if channels_last else 1)
+    assert n * (c // tile) * splits >= 3 * 132
+    assert (splits - 1) * chunk < h * w <= splits * chunk and chunk % (256 // tile) == 0
+
+
+def norm_vector_width(x, groups=2):
+    """Elements per thread of group norm's elementwise passes on x (and outputs allocated like it)."""
+    strides = (x.stride(0), x.stride(1) if x.shape[1] > 1 else 1, x.stride(-1) if x.dim() > 2 else 1)
+    return host_module().group_norm_vector_width(x.element_size(), x.shape[0], x.shape[1], math.prod(x.shape[2:]),
+                                                 groups, strides[2] != 1, [(x.data_ptr(), *strides)])
+
+
+def misaligned(t):
+    """t's values at t's strides, one element past a 16-byte boundary."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].as_strided(t.shape, t.stride())
+    return out.copy_(t)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_act_vectorized(dtype, channels_last):
+    """Elementwise passes take 16 bytes per thread where the inner dimension (positions; channels when
+    channels last) is a multiple of 16 bytes' worth and every operand is aligned, else one element: the same
+    values one element off alignment take the scalar path and give the same bits."""
+    args, grad = norm_case((2, 16, 4, 6), dtype, channels_last, spatial=True)
+    x = args[0]
+    assert norm_vector_width(x) == 16 // x.element_size()
+    run_norm(args, grad, dtype, silu=True)
+    shifted, shifted_grad = misaligned(x), misaligned(grad)
+    assert norm_vector_width(shifted) == 1
+    ours = HOST["group_norm_act"].forward(*NormInputs(*args, 1e-6, True))
+    scalar = HOST["group_norm_act"].forward(*NormInputs(shifted, *args[1:], 1e-6, True))
+    assert all(torch.equal(a, b) for a, b in zip(ours, scalar))
+    _, _, weight, bias, scale, shift, source = args
+    ours = HOST["group_norm_act"].backward(grad, x, weight, bias, scale, shift, source, *ours[1:], True)
+    scalar = HOST["group_norm_act"].backward(shifted_grad, shifted, weight, bias, scale, shift, source, *scalar[1:],
+                                             True)
+    assert all(torch.equal(a, b) for a, b in zip(ours, scalar))
+
+
+def test_group_norm_act_vector_width():
+    """The scalar fallback where the inner dimension is not a multiple of 16 bytes' worth (misaligned bases:
+    test_group_norm_act_vectorized), and the vector path on channels sliced out of a wider tensor."""
+    assert norm_vector_width(torch.zeros(2, 6, 5, 7)) == 1  # 35 positions
+    assert norm_vector_width(torch.zeros(2, 12, 4, 6).to(memory_format=torch.channels_last)) == 4
+    assert norm_vector_width(torch.zeros(2, 12, 4, 6, dtype=F16).to(memory_format=torch.channels_last)) == 1
+    g = _gen(16)
+    sliced = torch.randn(2, 10, 4, 6, generator=g)[:, 2:8]  # channel stride 24, sample stride 240, base 48
+    assert norm_vector_width(sliced) == 4
+    run_norm((sliced, 2, None, None, None, None, None), torch.randn(sliced.shape, generator=g), F32, silu=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (2, 16, 4, 6)], ids=["scalar", "vectorized"])
+def test_group_norm_act_wide_indices(shape, channels_last):
+    """The int64_t kernels (reductions, elementwise scalar and vectorized, spatial sums) give what the
+    int32_t ones give."""
+    with wide_indices():
+        run_norm(*norm_case(shape, F32, channels_last, spatial=True), F32, silu=True)
 
 
 @pytest.mark.parametrize("shape", [(2, 4), (1, 4, 1, 1), (2, 4, 3, 2, 2)], ids=["no_spatial", "one", "3d"])

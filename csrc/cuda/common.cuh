@@ -14,6 +14,7 @@
 #include <cassert>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 // Stops the kernel with cudaErrorAssert ("device-side assert triggered" in torch) when cond is false,
 // whatever NDEBUG says: the host never checks the data (no synchronisation), so this is the check.
@@ -141,7 +142,9 @@ inline int64_t max_offset(const Strided& t) {
   for (int d = 0; d < t.ndim; ++d) off += (t.size[d] - 1) * t.stride[d];
   return t.numel > 0 ? off : 0;
 }
-inline int64_t max_offset(const Rows& t, int64_t D) { return max_offset(t.rows) + std::max<int64_t>(D - 1, 0) * t.d_stride; }
+inline int64_t max_offset(const Rows& t, int64_t D) {
+  return max_offset(t.rows) + std::max<int64_t>(D - 1, 0) * t.d_stride;
+}
 
 // Strided::offset in Index arithmetic; the loop runs over kMaxDims with a guard so that size[] and
 // stride[] are indexed by constants (kept in registers, not copied to a stack frame).
@@ -181,6 +184,39 @@ __device__ __forceinline__ Index code_offset(const CodebookView& cb, Index k, In
 }
 inline int64_t max_offset(const CodebookView& cb) {
   return cb.K > 0 && cb.D > 0 ? (cb.K - 1) * cb.stride0 + (cb.D - 1) * cb.stride1 : 0;
+}
+
+// ------------------------------------------------------------------------------- 16-byte accesses
+
+// Elements of T in one 16-byte access.
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+// VEC elements moved as one access (ld/st.global.v4 when 16 bytes); its address must be a multiple of its
+// size, which the launchers check (aligned16 and strides multiples of VEC) before they pick VEC > 1.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+template <int VEC, typename T>
+__device__ __forceinline__ Vec<T, VEC> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, VEC>*>(p);
+}
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& v) {
+  *reinterpret_cast<Vec<T, VEC>*>(p) = v;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Calls f(std::integral_constant<int, VEC>{}): VEC = kVec<T> when `fits`, else 1 (one element per access).
+template <typename T, typename F>
+void with_vec(bool fits, F&& f) {
+  if (fits) {
+    f(std::integral_constant<int, kVec<T>>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
 }
 
 // Calls f(T{}) with T the storage type of dtype.

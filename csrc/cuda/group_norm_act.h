@@ -9,12 +9,22 @@
 namespace vqfast {
 namespace cuda {
 
-// x (N, C, S) in groups of C / G channels. Each group's reduction is split over several blocks
-// (group_norm_splits) so that batch-1 shapes fill the GPU; partial results combine in a fixed order.
+// x (N, C, S) in groups of C / G channels.
 struct NormShape {
   int64_t N, C, S, G;  // batch, channels, spatial positions (merged), groups
   bool channels_last;  // elements visited channels fastest (every operand has c_stride 1), else positions
 };
+
+// The reductions' launch (group_norm_grid): each (n, c)'s positions are summed by `splits` blocks of
+// `chunk` positions, a block taking `tile` channels at once, so that a warp reads consecutive addresses in
+// either layout; the blocks' partial results are then merged in a fixed order (deterministic).
+struct NormGrid {
+  int64_t tile;    // channels per block: 32 when channels last (one per lane), else 1
+  int64_t splits;  // blocks per (n, channel tile) (grid.y)
+  int64_t chunk;   // positions per block, a multiple of the block's position rows
+};
+// About four blocks per SM where the shape allows, each reading at least 4096 elements.
+NormGrid group_norm_grid(const NormShape& shape);
 
 // MoVQ's SpatialNorm: the affine output times scale plus shift, both read at the latent's resolution.
 struct SpatialArgs {
@@ -30,6 +40,16 @@ struct SpatialArgs {
   float* grad_shift;     // as grad_scale
 };
 
+// An operand of the elementwise passes.
+struct NormOperand {
+  const void* data;     // its first element
+  NormStrides strides;  // its (n, c, s) strides
+};
+// Elements a thread of the elementwise passes takes at once: 16 bytes' worth (one access per operand)
+// when the inner dimension (channels when channels last, else positions) is a multiple of it and each
+// operand's base is 16-byte aligned and its other strides multiples of it; else 1.
+int group_norm_vector_width(DType dtype, const NormShape& shape, const NormOperand* operands, int count);
+
 struct GroupNormFwdParams {
   DType dtype;            // of x and y
   NormShape shape;        // sizes, groups and visiting order
@@ -44,7 +64,7 @@ struct GroupNormFwdParams {
   bool silu;              // SiLU after the affine map, else none
   float* mean;            // (N, G) float32 output
   float* rstd;            // (N, G) float32 output
-  float* work;            // group_norm_work_floats(shape) floats of scratch
+  float* work;            // group_norm_work_floats(shape, false) floats of scratch
 };
 
 struct GroupNormBwdParams {
@@ -64,11 +84,10 @@ struct GroupNormBwdParams {
   bool silu;                   // as the forward's
   float* grad_weight;          // (C) float32, whether or not the op had a weight
   float* grad_bias;            // (C) float32, whether or not the op had a bias
-  float* work;                 // group_norm_work_floats(shape) floats of scratch
+  float* work;                 // group_norm_work_floats(shape, true) floats of scratch
 };
 
-int64_t group_norm_splits(const NormShape& shape);
-int64_t group_norm_work_floats(const NormShape& shape);
+int64_t group_norm_work_floats(const NormShape& shape, bool backward);
 cudaError_t group_norm_act(const GroupNormFwdParams& p, cudaStream_t stream);
 cudaError_t group_norm_act_backward(const GroupNormBwdParams& p, cudaStream_t stream);
 

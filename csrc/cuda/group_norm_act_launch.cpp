@@ -30,8 +30,8 @@ SpatialArgs spatial_args(const at::Tensor& x, const OptTensor& scale, const OptT
   return sp;
 }
 
-at::Tensor work_for(const NormShape& sh, const at::Tensor& x) {
-  return at::empty({group_norm_work_floats(sh)}, x.options().dtype(at::kFloat));
+at::Tensor work_for(const NormShape& sh, const at::Tensor& x, bool backward) {
+  return at::empty({group_norm_work_floats(sh, backward)}, x.options().dtype(at::kFloat));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(const at::Tensor& x, int64_t num_groups,
@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(const at::Ten
   p.silu = silu;
   p.mean = mean.mutable_data_ptr<float>();
   p.rstd = rstd.mutable_data_ptr<float>();
-  at::Tensor work = work_for(p.shape, x);
+  at::Tensor work = work_for(p.shape, x, /*backward=*/false);
   p.work = work.mutable_data_ptr<float>();
   check(group_norm_act(p, stream()), "group_norm_act");
   return {y, mean, rstd};
@@ -121,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   p.silu = silu;
   p.grad_weight = gw.mutable_data_ptr<float>();
   p.grad_bias = gb.mutable_data_ptr<float>();
-  at::Tensor work = work_for(p.shape, x);
+  at::Tensor work = work_for(p.shape, x, /*backward=*/true);
   p.work = work.mutable_data_ptr<float>();
   check(group_norm_act_backward(p, stream()), "group_norm_act_backward");
   return {gx, gw, gb, g_scale, g_shift};

@@ -40,8 +40,8 @@ __device__ __forceinline__ bool better(float d1, int k1, float d2, int k2) {
   return d1 < d2 || (d1 == d2 && k1 < k2);
 }
 
-// Splits' partial results as plain (distance, index) pairs (shfl_xor moves them between lanes); a thread that saw no code holds (inf, INT_MAX),
-// which every real candidate beats.
+// Splits' partial results as plain (distance, index) pairs (shfl_xor moves them between lanes); a thread
+// that saw no code holds (inf, INT_MAX), which every real candidate beats.
 struct Best {
   float dist;
   int index;

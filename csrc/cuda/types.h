@@ -7,6 +7,7 @@ namespace vqfast {
 namespace cuda {
 
 enum class DType { Float, Half, BFloat16 };
+inline int element_bytes(DType dtype) { return dtype == DType::Float ? 4 : 2; }
 
 // A (K, D) codebook read in place.
 struct CodebookView {

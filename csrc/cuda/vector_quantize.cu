@@ -25,7 +25,8 @@ __global__ void __launch_bounds__(kQuantizeThreads) forward_kernel(const VectorQ
   if (e < N * D) {
     const RowElem<Index> el = row_elem(e, N, D, p.z_rows.d_stride == 1);
     const float zv = to_float(static_cast<const T*>(p.z)[offset_in(p.z_rows, el)]);
-    const float cv = to_float(static_cast<const T*>(p.cb.data)[code_offset(p.cb, static_cast<Index>(p.index[el.row]), el.d)]);
+    const T* code = static_cast<const T*>(p.cb.data);
+    const float cv = to_float(code[code_offset(p.cb, static_cast<Index>(p.index[el.row]), el.d)]);
     const float diff = cv - zv;
     static_cast<T*>(p.z_q)[offset_in(p.z_q_rows, el)] = from_float<T>(zv + to_float(from_float<T>(diff)));
     sq = diff * diff;
