@@ -1,25 +1,30 @@
-"""Registers, spills and shared memory of every GPU kernel, compiled ahead of time for sm_90 and sm_80
-without a GPU: ``python -m benchmarks.resources``.
+"""Registers, spills, shared memory and global loads of every GPU kernel, compiled ahead of time for sm_90
+and sm_80 without a GPU: ``python -m benchmarks.resources``.
 
 Triton: every specialization the Triton tests launch. The tests' CPU cases (tests/test_triton.py and the
 triton cases of tests/test_conformance.py) run in a child pytest under ``TRITON_INTERPRET=1`` with this
 module as a plugin, which records each launch's arguments as triton specializes them (dtypes, 16-byte
-alignment, integers equal to 1 or divisible by 16, constexprs) and, for autotuned kernels, every config
-(the interpreter runs only the first). Each distinct specialization is compiled with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` in a process pool, and its PTX read
-by ptxas -v with the flags triton uses. CUDA: csrc/cuda/*.cu through ``nvcc -Xptxas -v``.
+alignment, integers equal to 1 or divisible by 16, constexprs, ``INTERPRET=False`` as on a GPU) and, for
+autotuned kernels, every config (the interpreter runs only the first). Each distinct specialization is
+compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` in a process pool; its
+ptxas -v log gives the resources, its PTX the ``ld.global`` count. CUDA: csrc/cuda/*.cu through
+``nvcc -Xptxas -v``.
 
-Results are cached in build/resources-cache.json, keyed by the kernel's source hash and specialization, so
-a rerun compiles only what changed. Writes benchmarks/results/resources-sm80-sm90.{md,json}; exits non-zero
-on any compile error.
+Each result is keyed by (triton version, kernel source hash with its jit dependencies, specialization,
+target). Known keys are not compiled again: those of the committed table (its JSON is the proof that
+they compile) and of build/resources-cache.json. ``--check`` (CI) compiles only the unknown ones, writes
+no table and fails on any compile error; without it the table benchmarks/results/resources-sm80-sm90.
+{md,json} is rewritten. Either way the exit status is non-zero on a compile error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import importlib
+import io
 import json
 import os
 import pickle
@@ -33,8 +38,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # one module, so that pickled TensorArgs unpickle as this module's class
+    sys.modules.setdefault("benchmarks.resources", sys.modules[__name__])
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+TABLE = ROOT / "benchmarks" / "results" / "resources-sm80-sm90"
 CACHE = ROOT / "build" / "resources-cache.json"
 TESTS = ("tests/test_triton.py", "tests/test_conformance.py")
 TARGETS = (90, 80)
@@ -78,7 +86,8 @@ def _stand_in(value: Any, constexpr: bool = False) -> Any:
 
 
 def _record(kernel, args: tuple, kwargs: dict) -> list[tuple]:
-    """``(module, name, args, kwargs)`` of a launch, one per autotune config."""
+    """``(module, name, args, kwargs)`` of a launch, one per autotune config, as a GPU would launch it:
+    ``INTERPRET`` (the kernels' interpreter workarounds) False, launch options (num_warps, ...) as given."""
     from triton.runtime.autotuner import Autotuner
 
     configs = [None]
@@ -88,12 +97,14 @@ def _record(kernel, args: tuple, kwargs: dict) -> list[tuple]:
         configs = getattr(kernel, "compiled_configs", kernel.configs)
     constexpr = {p.name for p in _params(fn) if p.is_constexpr}
     names = fn.arg_names
-    stand_args = tuple(_stand_in(v, names[i] in constexpr) for i, v in enumerate(args))
-    stand_kwargs = {k: _stand_in(v, k in constexpr) for k, v in kwargs.items()}
+    bound = {**dict(zip(names, args)), **kwargs}
+    stand = {k: v if k not in names else _stand_in(v, k in constexpr) for k, v in bound.items()}
+    if "INTERPRET" in stand:
+        stand["INTERPRET"] = False
     out = []
     for config in configs:
         extra = {} if config is None else config.all_kwargs()
-        out.append((fn.fn.__module__, fn.fn.__name__, stand_args, {**stand_kwargs, **extra}))
+        out.append((fn.fn.__module__, fn.fn.__name__, (), {**stand, **extra}))
     return out
 
 
@@ -198,20 +209,17 @@ def compile_triton(task: tuple) -> dict:
     """Compile one specialization for one capability; its resources (or its error)."""
     module, name, args, kwargs, capability = task
     import triton
-    from triton.backends.nvidia.compiler import get_ptxas
 
+    triton.knobs.compilation.always_compile = True  # triton's own cache would skip ptxas and its log
+    triton.knobs.nvidia.dump_ptxas_log = True  # printed: the -v log of the ptxas run that makes the cubin
     fn = _kernel(module, name)
     try:
         source, target, options = _specialize(fn, args, kwargs, capability)
-        compiled = triton.compile(source, target=target, options=options.__dict__)
-        arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = Path(tmp) / "k.ptx"
-            ptx.write_text(compiled.asm["ptx"])
-            command = [get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}"]
-            log = subprocess.run(command + [str(ptx), "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True)
-        (stats,) = parse_ptxas(log.stderr + log.stdout).values()
+        with contextlib.redirect_stdout(io.StringIO()) as log:
+            compiled = triton.compile(source, target=target, options=options.__dict__)
+        (stats,) = parse_ptxas(log.getvalue()).values()
         stats["smem"] = max(stats["smem"], compiled.metadata.shared)  # triton's is dynamic shared memory
+        stats["global_loads"] = len(re.findall(r"\bld\.global\b", compiled.asm["ptx"]))
         return stats
     except Exception as error:  # reported in the table, and the script fails
         return {"error": f"{type(error).__name__}: {str(error)[:2000]}"}
@@ -226,49 +234,73 @@ def _kernel(module: str, name: str):
 
 
 def _task_key(task: tuple) -> str:
-    """Cache key: the kernel's source hash (its jit dependencies included) and the specialization."""
+    """The proof's key: triton's version, the kernel's source hash (its jit dependencies included), the
+    specialization and the target."""
+    import triton
+
     module, name, args, kwargs, capability = task
     fn = _kernel(module, name)
-    return hashlib.sha256(f"{fn.cache_key}|{args!r}|{sorted(kwargs.items())!r}|{capability}".encode()).hexdigest()
+    spec = f"{triton.__version__}|{fn.cache_key}|{args!r}|{sorted(kwargs.items())!r}|{capability}"
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def _leaves(name: str, value: Any):
+    """``(path, value)`` of an argument and, for a tuple, of its items (``z_strides.vector``)."""
+    if isinstance(value, tuple):
+        fields = getattr(value, "_fields", range(len(value)))
+        for field, item in zip(fields, value):
+            yield from _leaves(f"{name}.{field}", item)
+    else:
+        yield name, value
 
 
 def _describe(args: tuple, kwargs: dict, fn) -> str:
-    """The specialization in a few words: dtypes, the constexprs that select code, the launch options."""
+    """The specialization in a few words: dtypes, the constexprs that select code, the arguments
+    specialized to 1 (unit strides: the layout), the launch options, the absent (None) pointers."""
     import torch
 
-    names = fn.arg_names
+    bound = {**dict(zip(fn.arg_names, args)), **kwargs}
     constexpr = {p.name for p in fn.params if p.is_constexpr}
-    bound = dict(zip(names, args), **kwargs)
-    dtypes = []
-    for name in names:
-        v = bound.get(name)
-        if isinstance(v, TensorArg):
-            dtypes.append(str(v.dtype).replace("torch.", "").replace("float", "f").replace("bf16", "bf16"))
+    leaves = [leaf for name in fn.arg_names if name not in constexpr for leaf in _leaves(name, bound.get(name))]
+    dtypes = [str(v.dtype).replace("torch.", "").replace("float", "f") for _, v in leaves if isinstance(v, TensorArg)]
     shown = [f"{k}={v}" for k, v in bound.items() if k in constexpr and k != "INTERPRET" and not isinstance(v, torch.dtype)]
+    shown += [f"{k}=1" for k, v in leaves if v == 1 and not isinstance(v, bool)]
     shown += [f"{k}={bound[k]}" for k in ("num_warps", "num_stages") if k in bound]
-    nones = [k for k in names if bound.get(k, 0) is None]
+    nones = [k for k, v in leaves if v is None]
     return " ".join(["/".join(dict.fromkeys(dtypes))] + shown + ([f"None:{','.join(nones)}"] if nones else []))
+
+
+def _known() -> dict[str, dict]:
+    """Results by key: the committed table's rows, then build/'s cache (which keeps every key ever compiled)."""
+    table = TABLE.with_suffix(".json")
+    rows = json.loads(table.read_text())["triton_kernels"] if table.exists() else []
+    known = {row["key"]: {k: v for k, v in row.items() if k not in ("kernel", "target", "specialization", "key")}
+             for row in rows if "key" in row}  # fmt: skip
+    if CACHE.exists():
+        known.update(json.loads(CACHE.read_text()))
+    return known
 
 
 def triton_rows(launches: list[tuple], workers: int) -> tuple[list[dict], int]:
     """One row per (specialization, capability); the number compiled afresh."""
-    cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+    known = _known()
     tasks = [(*launch, cc) for launch in launches for cc in TARGETS]
     keys = [_task_key(task) for task in tasks]
-    todo = [(key, task) for key, task in zip(keys, tasks) if key not in cache]
+    todo = list({key: task for key, task in zip(keys, tasks) if key not in known}.items())
+    cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
     CACHE.parent.mkdir(exist_ok=True)
     if todo:
         with ProcessPoolExecutor(workers) as pool:
             results = pool.map(compile_triton, [t for _, t in todo], chunksize=4)
             for done, ((key, _), stats) in enumerate(zip(todo, results), 1):
-                cache[key] = stats
+                cache[key] = known[key] = stats
                 if done % 50 == 0 or done == len(todo):  # an interrupted run keeps what it compiled
                     CACHE.write_text(json.dumps(cache))
     rows = []
     for key, (module, name, args, kwargs, cc) in zip(keys, tasks):
         fn = _kernel(module, name)
         rows.append({"kernel": f"{module.rsplit('.', 1)[-1]}.{name}", "target": f"sm_{cc}",
-                     "specialization": _describe(args, kwargs, fn), **cache[key]})  # fmt: skip
+                     "specialization": _describe(args, kwargs, fn), "key": key, **known[key]})  # fmt: skip
     return rows, len(todo)
 
 
@@ -330,26 +362,40 @@ def _versions() -> dict:
     }
 
 
+def _flagged(row: dict) -> bool:
+    return bool(row.get("spill_stores")) or row.get("registers", 0) >= 254
+
+
 def _markdown(meta: dict, triton_rows: list[dict], cuda_rows: list[dict]) -> str:
+    """One line per kernel, target and description: the worst of the specializations it covers (they
+    differ only in 16-byte alignment and divisibility by 16)."""
     lines = [
-        "# Registers, spills and shared memory, compiled ahead of time (no GPU)",
+        "# Registers, spills, shared memory and global loads, compiled ahead of time (no GPU)",
         "",
         ", ".join(f"{k}: {v}" for k, v in meta.items() if k != "seconds") + f"; {meta['seconds']:.0f} s.",
         "",
-        "Registers per thread (255 is the ceiling), spill stores/loads and stack frame in bytes per thread,",
-        "shared memory in bytes per block. `python -m benchmarks.resources` regenerates this file.",
+        "Registers per thread (255 is the ceiling; **!** marks 254+ or spills), spill stores/loads and stack",
+        "frame in bytes per thread, shared memory in bytes per block, `ld.global` instructions in the PTX; n",
+        "specializations per line, the worst shown. `python -m benchmarks.resources` regenerates this file;",
+        "the JSON has every specialization with its key.",
     ]
+    fields = ("registers", "spill_stores", "spill_loads", "stack", "smem", "global_loads")
     for title, rows in (("Triton (every specialization the tests launch)", triton_rows), ("CUDA", cuda_rows)):
-        lines += ["", f"## {title}", "", "| kernel | target | specialization | regs | spill st/ld | stack | smem |",
-                  "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
-        for r in sorted(rows, key=lambda r: (r["kernel"], r["target"], r["specialization"])):
-            if "error" in r:
-                lines.append(f"| {r['kernel']} | {r['target']} | {r['specialization']} | ERROR | | | |")
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            groups.setdefault((r["kernel"], r["target"], r["specialization"]), []).append(r)
+        lines += ["", f"## {title}", "", "| kernel | target | specialization | n | regs | spill st/ld | stack | smem | ld.global |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for (kernel, target, spec), group in sorted(groups.items()):
+            if any("error" in r for r in group):
+                lines.append(f"| {kernel} | {target} | {spec} | {len(group)} | ERROR | | | | |")
                 continue
-            flag = " **!**" if r["spill_stores"] or r["registers"] >= 254 else ""
+            worst = {f: max(r.get(f, -1) for r in group) for f in fields}
+            flag = " **!**" if _flagged(worst) else ""
+            loads = worst["global_loads"] if worst["global_loads"] >= 0 else "-"
             lines.append(
-                f"| {r['kernel']} | {r['target']} | {r['specialization']} | {r['registers']}{flag} | "
-                f"{r['spill_stores']}/{r['spill_loads']} | {r['stack']} | {r['smem']} |"
+                f"| {kernel} | {target} | {spec} | {len(group)} | {worst['registers']}{flag} | "
+                f"{worst['spill_stores']}/{worst['spill_loads']} | {worst['stack']} | {worst['smem']} | {loads} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -358,24 +404,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="compile processes")
     parser.add_argument("--no-cuda", action="store_true", help="skip csrc/cuda")
+    parser.add_argument("--check", action="store_true", help="CI: compile what the table does not prove, write no table")
     options = parser.parse_args()
     start = time.perf_counter()
     launches = record_launches()
     recorded = time.perf_counter() - start
     rows, compiled = triton_rows(launches, options.workers)
-    cuda = [] if options.no_cuda else cuda_rows()
+    cuda = [] if options.no_cuda or options.check else cuda_rows()
     meta = {**_versions(), "seconds": time.perf_counter() - start}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / "resources-sm80-sm90"
-    stem.with_suffix(".json").write_text(json.dumps({**meta, "triton_kernels": rows, "cuda_kernels": cuda}, indent=1))
-    stem.with_suffix(".md").write_text(_markdown(meta, rows, cuda))
+    if not options.check:
+        TABLE.parent.mkdir(parents=True, exist_ok=True)
+        TABLE.with_suffix(".json").write_text(json.dumps({**meta, "triton_kernels": rows, "cuda_kernels": cuda}, indent=1))
+        TABLE.with_suffix(".md").write_text(_markdown(meta, rows, cuda))
     errors = [r for r in rows + cuda if "error" in r]
-    worst = [r for r in rows + cuda if r.get("spill_stores") or r.get("registers", 0) >= 254]
     print(
-        f"{len(launches)} Triton specializations x {len(TARGETS)} targets ({compiled} compiled, the rest cached), "
+        f"{len(launches)} Triton specializations x {len(TARGETS)} targets ({compiled} compiled, the rest known), "
         f"{len(cuda)} CUDA kernel builds; recorded in {recorded:.0f} s, total {meta['seconds']:.0f} s; "
-        f"{len(worst)} spilling or at 254+ registers; {len(errors)} errors -> {stem}.md"
+        f"{sum(map(_flagged, rows + cuda))} spilling or at 254+ registers; {len(errors)} errors"
+        + ("" if options.check else f" -> {TABLE}.md")
     )
+    if options.check and compiled:
+        print(f"{compiled} not in the committed table: `make resources` records them")
     for r in errors:
         print(f"ERROR {r['kernel']} {r['target']} {r['specialization']}\n{r['error']}", file=sys.stderr)
     sys.exit(1 if errors else 0)
