@@ -3,10 +3,11 @@
 never the N x K distance matrix.
 
 Distances are ``||c||^2 - 2 <z, c>`` accumulated in float32, ties and NaN as :mod:`vqfast.ops.nearest_code`
-states. Vectors of up
-to ``SMALL_D`` elements go through FMAs on the CUDA cores; longer ones through ``tl.dot``, whose float32
-accumulation of float16/bfloat16 products is exact in the products; float32 input uses IEEE float32
-unless a tensor-core mode is chosen with :func:`set_search_precision`.
+states. The products go through ``tl.dot`` for every D, padded to its inner size of 16: tensor cores for
+float16/bfloat16 (float32 accumulation, exact in the products), and for float32 either IEEE float32 FMAs
+with both operands staged in shared memory (the default) or a tensor-core mode chosen with
+:func:`set_search_precision`. (FMA outer products over D in registers spilled: Triton spreads codes, not
+rows, over a warp, so each thread held many rows' z.)
 """
 
 from __future__ import annotations
@@ -22,10 +23,7 @@ import triton.language as tl
 from vqfast import layout
 from vqfast.triton._common import autotune, dot, interpreting, multiprocessors, row_offsets, unsupported_tensor
 
-SMALL_D = 8  # below tl.dot's inner size of 16, FMAs waste no lanes on padding; from 16 on, tl.dot (FMAs
-# over a whole row of 16 spilled: each thread held all of its rows' z)
-
-# Search precisions for float32 vectors longer than SMALL_D, and the relative error u to which each
+# Search precisions for float32 vectors, and the relative error u to which each
 # rounds the operands of the products. Each distance is then off by at most 2 (2u + u^2) sum_i |z_i c_i|
 # (plus float32 rounding), so the chosen code's exact distance exceeds the true minimum by at most the
 # sum of that bound over the chosen and the nearest code; for unit-norm z and codes that is < 8u + 4u^2.
@@ -64,8 +62,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 class Codebook(NamedTuple):
     """The codebook as :func:`search` reads it."""
 
-    codes: torch.Tensor  # (K, D), the op's codebook in its own strides and dtype (read by tl.dot)
-    transposed: torch.Tensor  # float32 (D, K) contiguous, read by the FMA path (SMALL); else the norms
+    codes: torch.Tensor  # (K, D), the op's codebook in its own strides and dtype
     norms: torch.Tensor  # float32 (K,): squared norms, the reference's expression bit for bit
     stride_k: int  # of codes, per code
     stride_d: int  # of codes, per element
@@ -78,11 +75,9 @@ def search(
     row_mask,
     stride_zd,
     codebook,
-    K,
     k_start,
     k_end,
     D: tl.constexpr,
-    SMALL: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -90,65 +85,57 @@ def search(
     BLOCK_D: tl.constexpr,
 ):
     """``(distance, index)`` (float32, int32) of the nearest of codes [k_start, k_end) of a :class:`Codebook`
-    for the BLOCK_N rows of z at offsets ``z_off`` (distance NaN where a NaN wins): with SMALL, FMAs
-    over the transposed codebook; else ``tl.dot`` over D in chunks of BLOCK_D."""
-    cols = tl.arange(0, BLOCK_K)
+    for the BLOCK_N rows of z at offsets ``z_off`` (distance NaN where a NaN wins), by ``tl.dot`` of
+    (codes, D) and (D, rows) tiles, D in chunks of BLOCK_D."""
+    codes = tl.arange(0, BLOCK_K)
     ds = tl.arange(0, BLOCK_D)
-    # Per (row, lane) minimum over the codes lane, lane + BLOCK_K, ...: elementwise in the loop, one
+    # Per (lane, row) minimum over the codes lane, lane + BLOCK_K, ...: elementwise in the loop, one
     # cross-lane reduction at the end. Codes come in increasing order, so keeping the earlier code on
     # equality keeps the first index.
-    best_d = tl.full((BLOCK_N, BLOCK_K), float("inf"), tl.float32)
-    best_k = tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
-    if not SMALL:
-        if D <= BLOCK_D:  # z's tile stays on chip for the whole codebook
-            z_tile = tl.load(
-                z_ptr + z_off[:, None] + ds[None, :] * stride_zd,
-                mask=row_mask[:, None] & (ds[None, :] < D),
-                other=0.0,
-            )
+    best_d = tl.full((BLOCK_K, BLOCK_N), float("inf"), tl.float32)
+    best_k = tl.zeros((BLOCK_K, BLOCK_N), tl.int32)
+    if D <= BLOCK_D:  # z's tile stays on chip for the whole codebook
+        z_tile = tl.load(
+            z_ptr + z_off[None, :] + ds[:, None] * stride_zd, mask=(ds[:, None] < D) & row_mask[None, :], other=0.0
+        )
     for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + cols
+        ks = k0 + codes
         k_mask = ks < k_end
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        if SMALL:
-            for d in tl.static_range(D):
-                z_d = tl.load(z_ptr + z_off + d * stride_zd, mask=row_mask, other=0.0).to(tl.float32)
-                c_d = tl.load(codebook.transposed + d * K + ks, mask=k_mask, other=0.0)
-                acc += z_d[:, None] * c_d[None, :]
-        elif D <= BLOCK_D:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+        if D <= BLOCK_D:
             c_tile = tl.load(
-                codebook.codes + ks[None, :] * codebook.stride_k + ds[:, None] * codebook.stride_d,
-                mask=k_mask[None, :] & (ds[:, None] < D),
+                codebook.codes + ks[:, None] * codebook.stride_k + ds[None, :] * codebook.stride_d,
+                mask=k_mask[:, None] & (ds[None, :] < D),
                 other=0.0,
             )
-            acc = dot(z_tile, c_tile, acc, PRECISION, INTERPRET)
+            acc = dot(c_tile, z_tile, acc, PRECISION, INTERPRET)
         else:
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + ds
-                z_chunk = tl.load(
-                    z_ptr + z_off[:, None] + dd[None, :] * stride_zd,
-                    mask=row_mask[:, None] & (dd[None, :] < D),
-                    other=0.0,
-                )
                 c_chunk = tl.load(
-                    codebook.codes + ks[None, :] * codebook.stride_k + dd[:, None] * codebook.stride_d,
-                    mask=k_mask[None, :] & (dd[:, None] < D),
+                    codebook.codes + ks[:, None] * codebook.stride_k + dd[None, :] * codebook.stride_d,
+                    mask=k_mask[:, None] & (dd[None, :] < D),
                     other=0.0,
                 )
-                acc = dot(z_chunk, c_chunk, acc, PRECISION, INTERPRET)
-        dist = tl.load(codebook.norms + ks, mask=k_mask, other=0.0)[None, :] - 2.0 * acc
+                z_chunk = tl.load(
+                    z_ptr + z_off[None, :] + dd[:, None] * stride_zd,
+                    mask=(dd[:, None] < D) & row_mask[None, :],
+                    other=0.0,
+                )
+                acc = dot(c_chunk, z_chunk, acc, PRECISION, INTERPRET)
+        dist = tl.load(codebook.norms + ks, mask=k_mask, other=0.0)[:, None] - 2.0 * acc
         # Padding codes get +inf (not inf - 2 * (inf * 0) = NaN for a z holding inf): never below a
         # real code, and later in index on equality.
-        dist = tl.where(k_mask[None, :], dist, float("inf"))
-        best_d, best_k = take_nearest(best_d, best_k, dist, ks[None, :])
+        dist = tl.where(k_mask[:, None], dist, float("inf"))
+        best_d, best_k = take_nearest(best_d, best_k, dist, ks[:, None])
     # Across lanes, torch.argmin's order: the first NaN, else the first minimum. Built-in min
     # reductions only (no NaN reaches them): a custom combine runs per element in the interpreter.
     nan = best_d != best_d
     no_code = 2147483647
-    first_nan = tl.min(tl.where(nan, best_k, no_code), 1)
+    first_nan = tl.min(tl.where(nan, best_k, no_code), 0)
     best_d = tl.where(nan, float("inf"), best_d)
-    least = tl.min(best_d, 1)
-    first_least = tl.min(tl.where(best_d == least[:, None], best_k, no_code), 1)
+    least = tl.min(best_d, 0)
+    first_least = tl.min(tl.where(best_d == least[None, :], best_k, no_code), 0)
     found_nan = first_nan < no_code
     return tl.where(found_nan, float("nan"), least), tl.where(found_nan, first_nan, first_least)
 
@@ -212,7 +199,6 @@ def _nearest_code_kernel(
     z_strides,  # layout.RowStrides of z
     codebook,  # Codebook
     D: tl.constexpr,
-    SMALL: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     SPLIT: tl.constexpr,  # more than one split along axis 1
@@ -226,8 +212,8 @@ def _nearest_code_kernel(
     z_off = row_offsets(row, rows, z_strides)
     k_start, k_end = split_range(K, codes_per_split)
     dist, index = search(
-        z_ptr, z_off, row_mask, z_strides.vector, codebook, K, k_start, k_end,
-        D, SMALL, PRECISION, INTERPRET, BLOCK_N, BLOCK_K, BLOCK_D,
+        z_ptr, z_off, row_mask, z_strides.vector, codebook, k_start, k_end,
+        D, PRECISION, INTERPRET, BLOCK_N, BLOCK_K, BLOCK_D,
     )  # fmt: skip
     if SPLIT:
         part = tl.program_id(1) * N + row
@@ -254,22 +240,13 @@ def codebook_splits(n: int, k: int, device: torch.device) -> tuple[int, int]:
 def search_args(z: torch.Tensor, codebook: torch.Tensor) -> tuple[Codebook, dict]:
     """The :class:`Codebook` and the constexprs of the kernels that call :func:`search`."""
     d = codebook.shape[1]
-    cb32 = codebook.float()
-    norms = cb32.square().sum(1)  # the reference's expression: the same norms, bit for bit
-    small = d <= SMALL_D
-    transposed = cb32.t().contiguous() if small else norms  # FMAs read codes along K; tl.dot reads codes
+    norms = codebook.float().square().sum(1)  # the reference's expression: the same norms, bit for bit
     precision = dot_precision(z.dtype)
-    # float32 "ieee" dots run on FMAs with both operands in registers: chunks of 16 (64 spilled on sm_80)
+    # IEEE float32 dots are FMAs over register tiles of both operands: chunks of 32 reached 255 registers
     widest = 16 if precision == "ieee" else 64
-    block_d = max(triton.next_power_of_2(d), 1) if small else min(max(triton.next_power_of_2(d), 16), widest)
-    meta = dict(
-        D=d,
-        SMALL=small,
-        PRECISION=precision,
-        INTERPRET=interpreting(),
-        BLOCK_D=block_d,
-    )
-    return Codebook(codebook, transposed, norms, *codebook.stride()), meta
+    block_d = min(max(triton.next_power_of_2(d), 16), widest)
+    meta = dict(D=d, PRECISION=precision, INTERPRET=interpreting(), BLOCK_D=block_d)
+    return Codebook(codebook, norms, *codebook.stride()), meta
 
 
 def unsupported_rows(z: torch.Tensor, codebook: torch.Tensor, dim: int) -> str:

@@ -38,7 +38,6 @@ def _forward_kernel(
     zq_strides,  # layout.RowStrides of z_q
     codebook,  # nearest_code.Codebook
     D: tl.constexpr,
-    SMALL: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     SEARCH: tl.constexpr,  # search here; else read the codes (a split search found them)
@@ -53,8 +52,8 @@ def _forward_kernel(
     z_off = row_offsets(row, rows, z_strides)
     if SEARCH:
         _, index = search(
-            z_ptr, z_off, row_mask, z_strides.vector, codebook, K, 0, K,
-            D, SMALL, PRECISION, INTERPRET, BLOCK_N, BLOCK_K, BLOCK_D,
+            z_ptr, z_off, row_mask, z_strides.vector, codebook, 0, K,
+            D, PRECISION, INTERPRET, BLOCK_N, BLOCK_K, BLOCK_D,
         )  # fmt: skip
         index = index.to(tl.int64)
         tl.store(idx_ptr + row, index, mask=row_mask)
