@@ -1,6 +1,7 @@
 """``group_norm_act`` forward and backward: ``act((group_norm(x) * weight + bias) [* up(scale) +
-up(shift)])``, the bracket for MoVQ's spatial variant, with ``up`` the nearest upsampling that the
-lowering's ``source`` table describes (the full-size maps never exist).
+up(shift)])``, the bracket for MoVQ's spatial variant, with ``up`` F.interpolate's nearest upsampling,
+its source index computed per element from the sizes (the full-size maps never exist, and the lowering's
+``source`` table holds the same indices: it is not read, which saves a global load per element).
 
 A group that fits on chip (``FUSED_MAX`` elements) is read once by one program. A larger one is split
 over several programs along its spatial extent, so that a batch of one still fills the GPU: a first
@@ -42,8 +43,17 @@ class Upsampled(NamedTuple):
 
     scale: Tensor
     shift: Tensor
-    source: Tensor  # int64 (positions,): the small map's position that each position of x reads
-    small: int  # positions per channel of the small maps
+    big: tuple[int, ...]  # x's spatial sizes
+    small: tuple[int, ...]  # the maps' spatial sizes
+    ratio: tuple[float, ...]  # float32 small / big per dim, as F.interpolate computes its scale
+
+    @classmethod
+    def of(cls, x: Tensor, scale: Tensor | None, shift: Tensor | None) -> Upsampled | None:
+        if scale is None:
+            return None
+        big, small = tuple(x.shape[2:]), tuple(scale.shape[2:])
+        ratio = torch.tensor(small, dtype=torch.float32) / torch.tensor(big, dtype=torch.float32)
+        return cls(scale, shift, big, small, tuple(ratio.tolist()))
 
 
 class UpsampledGrads(NamedTuple):
@@ -99,11 +109,19 @@ def _offsets(n, c, s, shape, strides, SIMPLE: tl.constexpr):
 
 
 @triton.jit
-def _up_offsets(n, c, s, s_mask, shape, up):
-    """Offsets into the small maps of the positions that nearest upsampling copies to ``s``."""
-    source = tl.load(up.source + s, mask=s_mask, other=0)
+def _up_offsets(n, c, s, shape, up):
+    """Offsets into the small maps of the positions that nearest upsampling copies to ``s``: per spatial
+    dim, F.interpolate's source index ``min(floor(i * (small / big)), small - 1)`` in float32."""
+    source = tl.zeros_like(s)
+    rest = s
+    stride = 1
+    for i in tl.static_range(len(up.big) - 1, -1, -1):  # innermost dim first
+        near = tl.floor((rest % up.big[i]).to(tl.float32) * up.ratio[i]).to(tl.int32)
+        source += tl.minimum(near, up.small[i] - 1) * stride
+        rest = rest // up.big[i]
+        stride = stride * up.small[i]
     channel = n.to(tl.int64) * (shape.groups * shape.group_channels) + c.to(tl.int64)
-    return channel[:, None] * up.small + source[None, :]
+    return channel[:, None] * stride + source[None, :]
 
 
 @triton.jit
@@ -124,7 +142,7 @@ def _write_output(
     mask = c_mask[:, None] & s_mask[None, :]
     y = x_hat * _channel_vector(weight_ptr, c, c_mask, 1.0) + _channel_vector(bias_ptr, c, c_mask, 0.0)
     if up is not None:
-        up_off = _up_offsets(n, c, s, s_mask, shape, up)
+        up_off = _up_offsets(n, c, s, shape, up)
         y = y * tl.load(up.scale + up_off, mask=mask, other=0.0) + tl.load(up.shift + up_off, mask=mask, other=0.0)
     y = activate(y, SILU)
     tl.store(y_ptr + _offsets(n, c, s, shape, y_strides, SIMPLE), y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -132,8 +150,7 @@ def _write_output(
 
 @triton.jit
 def _backward_terms(
-    x, g, mask, mean, rstd, n, c, s, c_mask, s_mask, weight_ptr, bias_ptr, shape, up, up_grads,
-    SILU: tl.constexpr,
+    x, g, mask, mean, rstd, n, c, s, c_mask, weight_ptr, bias_ptr, shape, up, up_grads, SILU: tl.constexpr,
 ):  # fmt: skip
     """``(x_hat, g_affine, g_hat)``: the normalized input and the gradients at the affine's output and
     input, the activation recomputed; with ``up_grads`` (not None) the spatial variant's map gradients
@@ -142,12 +159,12 @@ def _backward_terms(
     w = _channel_vector(weight_ptr, c, c_mask, 1.0)
     norm = x_hat * w + _channel_vector(bias_ptr, c, c_mask, 0.0)
     if up is not None:
-        up_off = _up_offsets(n, c, s, s_mask, shape, up)
+        up_off = _up_offsets(n, c, s, shape, up)
         up_scale = tl.load(up.scale + up_off, mask=mask, other=0.0)
         g_pre = activation_grad(g, norm * up_scale + tl.load(up.shift + up_off, mask=mask, other=0.0), SILU)
         if up_grads is not None:  # many positions share a small-map source: atomics, in no fixed order
-            tl.atomic_add(up_grads.scale + up_off, g_pre * norm, mask=mask)
-            tl.atomic_add(up_grads.shift + up_off, g_pre, mask=mask)
+            tl.atomic_add(up_grads.scale + up_off, g_pre * norm, mask=mask, sem="relaxed")
+            tl.atomic_add(up_grads.shift + up_off, g_pre, mask=mask, sem="relaxed")
         g_affine = g_pre * up_scale
     else:
         g_affine = activation_grad(g, norm, SILU)
@@ -307,7 +324,7 @@ def _backward_fused_kernel(
     g = tl.load(g_ptr + _offsets(n, c, s, shape, g_strides, SIMPLE), mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + group)
     x_hat, g_affine, g_hat = _backward_terms(
-        x, g, mask, tl.load(mean_ptr + group), rstd, n, c, s, c_mask, s_mask, weight_ptr, bias_ptr, shape, up,
+        x, g, mask, tl.load(mean_ptr + group), rstd, n, c, s, c_mask, weight_ptr, bias_ptr, shape, up,
         up_grads, SILU,
     )  # fmt: skip
     count = shape.group_channels * shape.positions
@@ -361,15 +378,17 @@ def _backward_stats_kernel(
             mask = c_mask[:, None] & s_mask[None, :]
             x = tl.load(x_ptr + _offsets(n, c, s, shape, x_strides, SIMPLE), mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + _offsets(n, c, s, shape, g_strides, SIMPLE), mask=mask, other=0.0).to(tl.float32)
-            x_hat, g_affine, g_hat = _backward_terms(
-                x, g, mask, mean, rstd, n, c, s, c_mask, s_mask, weight_ptr, bias_ptr, shape, up, up_grads, SILU
+            x_hat, g_affine, _ = _backward_terms(
+                x, g, mask, mean, rstd, n, c, s, c_mask, weight_ptr, bias_ptr, shape, up, up_grads, SILU
             )
-            sum_g += tl.sum(tl.sum(g_hat, 1), 0)
-            sum_gx += tl.sum(tl.sum(g_hat * x_hat, 1), 0)
             channel_gx += tl.sum(g_affine * x_hat, 1)
             channel_g += tl.sum(g_affine, 1)
         tl.store(channel + c, channel_gx, mask=c_mask)
         tl.store(channel + channels + c, channel_g, mask=c_mask)
+        # g_hat = g_affine * weight: its sums are the channel sums weighted (no whole-tile sums per tile)
+        w = _channel_vector(weight_ptr, c, c_mask, 1.0)
+        sum_g += tl.sum(tl.sum(channel_g[:, None] * w, 1), 0)
+        sum_gx += tl.sum(tl.sum(channel_gx[:, None] * w, 1), 0)
     out = partial_ptr + (group * split + chunk) * 2
     tl.store(out, sum_g)
     tl.store(out + 1, sum_gx)
@@ -415,7 +434,7 @@ def _backward_apply_kernel(
             g = tl.load(g_ptr + _offsets(n, c, s, shape, g_strides, SIMPLE), mask=mask, other=0.0).to(tl.float32)
             # The stats kernel added the map gradients (up_grads None here).
             x_hat, _, g_hat = _backward_terms(
-                x, g, mask, mean, rstd, n, c, s, c_mask, s_mask, weight_ptr, bias_ptr, shape, up, None, SILU
+                x, g, mask, mean, rstd, n, c, s, c_mask, weight_ptr, bias_ptr, shape, up, None, SILU
             )
             dx = (g_hat - mean_g - x_hat * mean_gx) * rstd
             tl.store(dx_ptr + _offsets(n, c, s, shape, dx_strides, SIMPLE), dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -423,24 +442,28 @@ def _backward_apply_kernel(
 
 class _Plan:
     """How a launch covers the groups: one program per group holding it whole (fused), or ``split``
-    programs per group over chunks of ``chunk`` spatial positions, in tiles of BLOCK_C x BLOCK_S."""
+    programs per group over chunks of ``chunk`` spatial positions, in tiles of BLOCK_C x BLOCK_S, 16
+    elements per thread. The spatial variant's tiles and fused groups are half as large, 8 elements
+    per thread: with its map offsets, gathers and atomics, 16 took its backward to 254-255 registers."""
 
-    def __init__(self, x: Tensor, x_strides: layout.NormStrides, num_groups: int):
+    def __init__(self, x: Tensor, x_strides: layout.NormStrides, num_groups: int, spatial: bool):
         n, c = x.shape[:2]
         cpg, hw = c // num_groups, math.prod(x.shape[2:])
         whole_c, whole_s = triton.next_power_of_2(cpg), triton.next_power_of_2(hw)
-        self.fused = whole_c * whole_s <= FUSED_MAX
+        per_thread = 8 if spatial else 16
+        tile = TILE * per_thread // 16
+        self.fused = whole_c * whole_s <= FUSED_MAX * per_thread // 16
         wanted = triton.cdiv(_target_programs(x.device), n * num_groups)  # chunks per group
         if self.fused:
             self.block_c, self.block_s = whole_c, whole_s
         elif x_strides.c < abs(x_strides.inner):  # channels nearer in memory (channels_last): whole channel runs
             self.block_c = min(whole_c, 64)
-            self.block_s = min(whole_s, TILE // self.block_c)
+            self.block_s = min(whole_s, tile // self.block_c)
         else:  # runs along a channel, short enough for each group to split into `wanted` chunks
             per_chunk = triton.cdiv(hw, wanted)
-            self.block_s = min(whole_s, TILE, max(MIN_RUN, 1 << (per_chunk.bit_length() - 1)))
-            self.block_c = min(whole_c, TILE // self.block_s)
-        self.num_warps = min(8, max(1, self.block_c * self.block_s // 512))
+            self.block_s = min(whole_s, tile, max(MIN_RUN, 1 << (per_chunk.bit_length() - 1)))
+            self.block_c = min(whole_c, tile // self.block_s)
+        self.num_warps = min(8, max(1, self.block_c * self.block_s // (32 * per_thread)))
         split = min(wanted, triton.cdiv(hw, self.block_s))
         self.chunk = triton.cdiv(triton.cdiv(hw, max(split, 1)), self.block_s) * self.block_s
         self.split = 1 if self.fused else triton.cdiv(hw, self.chunk)
@@ -449,10 +472,6 @@ class _Plan:
 
 def _shape(x: Tensor, num_groups: int, inner: int) -> NormShape:
     return NormShape(num_groups, x.shape[1] // num_groups, math.prod(x.shape[2:]), inner)
-
-
-def _upsampled(scale: Tensor | None, shift: Tensor | None, source: Tensor | None) -> Upsampled | None:
-    return None if scale is None else Upsampled(scale, shift, source, math.prod(scale.shape[2:]))
 
 
 def unsupported(inputs) -> str:
@@ -486,9 +505,9 @@ def forward(
         return y, mean.zero_(), rstd.fill_(float("nan"))
     inner, (x_strides, y_strides) = layout.norm_layout(x, y)
     shape = _shape(x, num_groups, inner)
-    plan = _Plan(x, x_strides, num_groups)
+    plan = _Plan(x, x_strides, num_groups, scale is not None)
     flags = dict(SILU=silu, SIMPLE=inner == shape.positions)
-    up = _upsampled(scale, shift, source)
+    up = Upsampled.of(x, scale, shift)
     groups = n * num_groups
     if plan.fused:
         _forward_fused_kernel[(groups,)](
@@ -532,9 +551,9 @@ def backward(
         return grad_x, zeros, zeros.clone(), *grad_maps
     inner, (g_strides, x_strides, dx_strides) = layout.norm_layout(grad, x, grad_x)
     shape = _shape(x, num_groups, inner)
-    plan = _Plan(x, x_strides, num_groups)
+    plan = _Plan(x, x_strides, num_groups, scale is not None)
     flags = dict(SILU=silu, SIMPLE=inner == shape.positions)
-    up = _upsampled(scale, shift, source)
+    up = Upsampled.of(x, scale, shift)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     groups = n * num_groups
     channel = torch.empty((n, plan.split, 2, c), dtype=torch.float32, device=x.device)
