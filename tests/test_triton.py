@@ -1,7 +1,9 @@
 """What only the Triton backend has: its ``unsupported`` rules, the split plan of its norm kernels, its
-search precisions, the regressions of its gather, and ahead-of-time compilation for sm_90 and sm_80.
-Values against the reference on every layout and dtype are the conformance suite's
-(tests/test_conformance.py).
+search precisions, the regressions of its gather, its kernels at model dims and tile sizes, and its
+launch grids. Values against the reference on every layout and dtype are the conformance suite's
+(tests/test_conformance.py). Every kernel specialization these tests and the conformance suite launch is
+compiled ahead of time for sm_90 and sm_80 by ``python -m benchmarks.resources`` (``make test`` runs it
+with ``--check``).
 
 CPU cases run the kernels under ``TRITON_INTERPRET=1`` (numpy, so shapes stay small). ``@triton.jit``
 reads TRITON_INTERPRET when it decorates, triton's own library included, so the mode is fixed when
@@ -15,7 +17,6 @@ import importlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -309,6 +310,58 @@ def test_nearest_code_precision_modes(device, precision):
         nearest_code.set_search_precision("fp8")
 
 
+# ------------------------------------------- at model dims and tile sizes (compiled by benchmarks/resources)
+
+
+SEARCH_DIMS = [(torch.float32, 16), (torch.float16, 16), (torch.bfloat16, 16), (torch.float32, 64), (torch.float32, 256)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, d", SEARCH_DIMS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_search_at_model_dims(device, dtype, d, memory_format):
+    """nearest_code and vector_quantize at the code dims of real VQ models, NCHW and channels_last: the
+    chosen code is the nearest (exact distance within float32 rounding of the minimum)."""
+    nearest_code, _, vector_quantize, _ = kernels()
+    torch.manual_seed(0)
+    z = torch.randn(2, d, 4, 4, device=device).to(dtype).contiguous(memory_format=memory_format)
+    codebook = torch.randn(50, d, device=device).to(dtype)
+    indices = nearest_code.forward(z, codebook, 1)
+    rows = z.movedim(1, -1).reshape(-1, d).double()
+    dist = torch.cdist(rows, codebook.double()).square()
+    chosen = dist.gather(1, indices.view(-1, 1))[:, 0]
+    assert bool((chosen <= dist.min(1).values + 1e-4 * d).all())
+    z_q, _, vq_indices = vector_quantize.forward(z, codebook, 1.0, 0.25, 1)
+    assert torch.equal(vq_indices, indices.view(-1))
+    torch.testing.assert_close(z_q.float(), codebook[indices].movedim(-1, 1).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 8, 64, 64), (1, 8, 16, 32)], ids=["split", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_spatial_norm_at_model_tile_sizes(device, shape, dtype, memory_format):
+    """The spatial variant with the default plan (1024-element split tiles, or a fused group) and 4x
+    nearest upsampling, forward and backward, against float64 autograd."""
+    group_norm_act = kernels()[1]
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=memory_format)
+    weight, bias = torch.randn(c, device=device), torch.randn(c, device=device)
+    scale, shift = torch.randn(n, c, h // 4, w // 4, device=device), torch.randn(n, c, h // 4, w // 4, device=device)
+    source = layout.nearest_source((h, w), (h // 4, w // 4), x.device)
+    y, mean, rstd = group_norm_act.forward(x, 4, weight, bias, scale, shift, source, 1e-6, True)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    expected = norm_expected(leaves[0], 4, *leaves[1:], True)
+    rounding = 1e-5 if dtype == torch.float32 else 2e-2  # of outputs in x's dtype
+    torch.testing.assert_close(y.double(), expected, rtol=rounding, atol=rounding)
+    grad = torch.randn_like(x)
+    grads = group_norm_act.backward(grad, x, weight, bias, scale, shift, source, mean, rstd, True)
+    expected.backward(grad.double())
+    for ours, leaf, tolerance in zip(grads, leaves, [rounding] + [1e-4] * 4):
+        torch.testing.assert_close(ours.double(), leaf.grad, rtol=tolerance, atol=tolerance)
+
+
 # ------------------------------------------------------------------------- on CUDA, at model sizes
 
 
@@ -325,92 +378,6 @@ def test_cuda_split_plan_at_model_size():
         y, _, _ = group_norm_act.forward(xm, 32, weight, bias, None, None, None, 1e-6, True)
         expected = F.silu(F.group_norm(x.float(), 32, weight, bias, eps=1e-6))
         torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
-
-
-# ------------------------------------------------------------------- compiled ahead of time, no GPU
-
-
-def _launches(monkeypatch) -> list[tuple]:
-    """Launches of every kernel, recorded (not run) as ``(kernel, args, kwargs)``, from each op's forward
-    and backward on small CPU tensors. One specialization per kernel, chosen so that together they take
-    every branch that changes the code: the FMA and the tl.dot search with bfloat16 rounding, whole and
-    split over the codebook, atomics
-    and the segment sum with and without codes, fused and split norms, plain and spatial, with and
-    without weights, one and two merged spatial dims."""
-    from triton.runtime.jit import KernelInterface
-
-    launches = []
-    record = lambda self, grid: lambda *args, **kwargs: launches.append((self, args, kwargs))
-    monkeypatch.setattr(KernelInterface, "__getitem__", record)
-    nearest_code, group_norm_act, vector_quantize, codebook_gather = kernels()
-    nearest_code.forward(torch.randn(2, 4, 8, 8), torch.randn(50, 4), 1)
-    nearest_code.forward(torch.randn(2, 4, 8, 8), torch.randn(200, 4), 1)  # the codebook split and merge
-    z, codebook = torch.randn(2, 24, 8, 8, dtype=torch.bfloat16), torch.randn(50, 24, dtype=torch.bfloat16)
-    indices = torch.randint(50, (2, 8, 8))
-    vector_quantize.forward(z, codebook, 1.0, 0.25, 1)
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    vector_quantize.backward(z, torch.ones((), dtype=z.dtype), z, codebook, indices.view(-1), 1.0, 0.25, 1)
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
-    codebook_gather.backward(z, indices, 50, 1)
-    codebook_gather.forward(indices, codebook, 1)
-    weight, stats = torch.randn(8), (torch.zeros(1, 4), torch.ones(1, 4))
-    x = torch.randn(1, 8, 9, 11, dtype=torch.float16)  # one program per group
-    group_norm_act.forward(x, 4, weight, weight, None, None, None, 1e-6, True)
-    group_norm_act.backward(x, x, weight, weight, None, None, None, *stats, True)
-    x = torch.randn(1, 8, 80, 160, dtype=torch.bfloat16)[..., ::2]  # split, spatial dims in two
-    maps = torch.randn(1, 8, 3, 4), torch.randn(1, 8, 3, 4), layout.nearest_source((80, 80), (3, 4), x.device)
-    group_norm_act.forward(x, 4, None, None, *maps, 1e-6, False)
-    group_norm_act.backward(x, x, None, None, *maps, *stats, False)
-    return launches
-
-
-def _signature(value):
-    """Triton's signature type of a kernel argument (None: a constexpr)."""
-    if value is None:
-        return "constexpr"
-    if isinstance(value, torch.Tensor):
-        return triton.runtime.jit.mangle_type(value)
-    if isinstance(value, tuple):
-        return type(value)(*map(_signature, value))
-    if isinstance(value, float):
-        return "fp32"
-    return "i32" if -(2**31) <= value < 2**31 else "i64"
-
-
-def _specialization(kernel, args: tuple, kwargs: dict) -> tuple:
-    """``(jit function, signature, constexprs, options)`` of a launch; an autotuned kernel's first config."""
-    from triton.runtime.autotuner import Autotuner
-
-    config, fn = (kernel.configs[0], kernel.fn) if isinstance(kernel, Autotuner) else (triton.Config({}), kernel)
-    bound = dict(zip(fn.arg_names, args), **kwargs, **config.kwargs)
-    options = {
-        "num_warps": bound.pop("num_warps", config.num_warps),
-        "num_stages": bound.pop("num_stages", config.num_stages),
-        "debug": bool(fn.debug),
-    }
-    constexprs = {p.name: bound[p.name] for p in fn.params if p.is_constexpr}
-    constexprs.update({name: None for name, value in bound.items() if value is None})
-    signature = {name: "constexpr" if name in constexprs else _signature(bound[name]) for name in fn.arg_names}
-    return fn, signature, constexprs, options
-
-
-@pytest.mark.skipif(INTERPRETED, reason="triton is interpreted in this process")
-def test_kernels_compile_ahead_of_time_for_sm90_and_sm80(monkeypatch):
-    """Every kernel, in a specialization the launchers ask for (``_launches``), compiles to a cubin
-    (ptxas) for sm_90 and sm_80 without a GPU. Launches are recorded, not run."""
-    from triton.backends.compiler import GPUTarget
-
-    specializations = [_specialization(*launch) for launch in _launches(monkeypatch)]
-    monkeypatch.undo()
-    names = {f"{fn.fn.__module__}.{fn.__name__}" for fn, *_ in specializations}
-    assert len(names) == 13, names
-    start = time.perf_counter()
-    for fn, signature, constexprs, options in specializations:
-        for capability in (90, 80):
-            source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-            assert compiled.asm["cubin"], (fn.__name__, capability)
-    print(f"{len(specializations)} specializations x 2 targets in {time.perf_counter() - start:.1f} s")
 
 
 # ------------------------------------------------------------------------------------ launch grids
