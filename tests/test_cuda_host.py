@@ -449,6 +449,91 @@ def test_codebook_gather_empty():
     run_gather(torch.zeros(0, 4, dtype=torch.long), torch.randn(30, 5), 1, F32)
 
 
+def gather_vector_width(indices, codebook, dim):
+    """Elements per thread of codebook_gather (its output a fresh, aligned allocation)."""
+    inner = math.prod(indices.shape[dim:])
+    return host_module().codebook_gather_vector_width(codebook.element_size(), *codebook.shape, *codebook.stride(),
+                                                      codebook.data_ptr(), 0, inner)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_codebook_gather_vectorized(dtype):
+    """Codes as rows of the output (dim last), codebook rows contiguous and 16 bytes' multiples: a thread
+    copies 16 bytes; forward exact, backward (both scatters) as the reference."""
+    codebook = torch.randn(30, 16, generator=_gen(19)).to(dtype)
+    indices = torch.randint(30, (3, 7), generator=_gen(20))
+    assert gather_vector_width(indices, codebook, 2) == 16 // codebook.element_size()
+    run_gather(indices, codebook, 2, dtype)
+
+
+def test_codebook_gather_vector_width():
+    """The scalar fallback: codes not along the output's last dimension, codebook rows strided, of a length
+    or at an offset off 16 bytes."""
+    codebook = torch.randn(30, 8, generator=_gen(21))
+    indices = torch.randint(30, (3, 7), generator=_gen(22))
+    assert gather_vector_width(indices, codebook, 2) == 4
+    assert gather_vector_width(indices, codebook, 1) == 1
+    assert gather_vector_width(indices, codebook.to(F16), 2) == 8
+    assert gather_vector_width(indices, torch.randn(30, 6), 2) == 1
+    assert gather_vector_width(indices, torch.randn(30, 16)[:, ::2], 2) == 1
+    assert gather_vector_width(indices, torch.randn(30, 10)[:, :8], 2) == 1  # rows 10 apart
+    shifted = misaligned(codebook)
+    assert gather_vector_width(indices, shifted, 2) == 1
+    run_gather(indices, shifted, 2, F32)
+
+
+@pytest.mark.parametrize("dim", [1, 2], ids=["scalar", "vectorized"])
+def test_codebook_gather_wide_indices(dim):
+    codebook = torch.randn(30, 8, generator=_gen(23))
+    with wide_indices():
+        run_gather(torch.randint(30, (3, 7), generator=_gen(24)), codebook, dim, F32)
+
+
+def skewed_codes(counts, k, seed):
+    """Shuffled int64 codes, code c * 3 taking counts[c] rows (codes between them empty)."""
+    codes = torch.cat([torch.full((n,), 3 * c, dtype=torch.long) for c, n in enumerate(counts)])
+    assert int(codes.max()) < k
+    return codes[torch.randperm(codes.numel(), generator=_gen(seed))]
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [[700], [1, 31, 32, 33, 64, 65, 74], [300, 1, 1, 2]],
+    ids=["one_code", "runs_across_chunks", "one_code_most_rows"],
+)
+def test_deterministic_scatter_chunks(counts):
+    """The deterministic scatter over 32-row chunks of the sorted rows: one code holding every row (22
+    chunks, merged by combine_kernel), runs that start, end or fit inside chunks, codes without rows; equal
+    to the reference, twice the same bits, and the same bits whatever the index width."""
+    indices = skewed_codes(counts, 24, seed=25)
+    codebook = torch.randn(24, 6, generator=_gen(26))
+    run_gather(indices, codebook, 1, F32)
+    grad = torch.randn(indices.numel(), 6, generator=_gen(27))
+    with deterministic(True):
+        first = HOST["codebook_gather"].backward(grad, indices, 24, 1)
+        assert torch.equal(first, HOST["codebook_gather"].backward(grad, indices, 24, 1))
+        with wide_indices():
+            assert torch.equal(first, HOST["codebook_gather"].backward(grad, indices, 24, 1))
+
+
+def test_deterministic_scatter_checks_codes(capfd):
+    """The chunk kernel reads every sorted row's code: one outside [0, K) stops it."""
+    indices = skewed_codes([40, 10], 24, seed=28)
+    indices[3] = 24
+    with deterministic(True), pytest.raises(RuntimeError, match="device-side assert triggered"):
+        HOST["codebook_gather"].backward(torch.randn(50, 6), indices, 24, 1)
+    assert "Assertion `k >= 0 && k < p.K` failed" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("n", [256, 4096])
+@pytest.mark.parametrize("k", [1024, 16384])
+@pytest.mark.parametrize("d", [4, 256])
+def test_scatter_grid(n, k, d):
+    """One thread per (32-row chunk, d), then per (code, d); a code holding all n rows is summed by n / 32
+    threads per d (one before)."""
+    assert host_module().scatter_grid(n, k, d) == (math.ceil(n // 32 * d / 256), k * d // 256, n * d // 256)
+
+
 @pytest.mark.parametrize("bad", [30, -1])
 def test_out_of_range_index_stops_the_kernel(bad, capfd):
     """The kernel's assertion fails (as a device-side assert would), the launch reports it, and the

@@ -51,6 +51,7 @@ at::Tensor codebook_gather_backward_cuda(const at::Tensor& grad, const at::Tenso
   p.order = seg.order_ptr();
   p.start = seg.start_ptr();
   p.out = seg.out.mutable_data_ptr<float>();
+  p.part = seg.part_ptr();
   check(codebook_gather_backward(p, stream()), "codebook_gather_backward");
   return seg.out.to(grad.scalar_type());
 }

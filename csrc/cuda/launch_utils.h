@@ -77,10 +77,10 @@ inline void check(cudaError_t err, const char* name) {
 }
 
 // A float32 (K, D) buffer for scatter_rows.cuh and, under torch.use_deterministic_algorithms, the rows
-// sorted by code: order (a stable sort of `index`) and start (K + 1 segment bounds); undefined otherwise
-// (the atomic form, which needs the buffer zeroed).
+// sorted by code: order (a stable sort of `index`), start (K + 1 segment bounds) and part (the chunk sums'
+// scratch); undefined otherwise (the atomic form, which needs the buffer zeroed).
 struct CodeSegments {
-  at::Tensor out, order, start;
+  at::Tensor out, order, start, part;
   CodeSegments(const at::Tensor& index, int64_t K, int64_t D) {
     // Without rows the sum is zero either way (and an empty sort's order has no data pointer).
     if (at::globalContext().deterministicAlgorithms() && index.numel() > 0) {
@@ -88,12 +88,14 @@ struct CodeSegments {
       order = std::get<1>(sorted);
       start = at::searchsorted(std::get<0>(sorted), at::arange(K + 1, index.options()));
       out = at::empty({K, D}, index.options().dtype(at::kFloat));
+      part = at::empty({scatter_part_floats(index.numel(), D)}, index.options().dtype(at::kFloat));
     } else {
       out = at::zeros({K, D}, index.options().dtype(at::kFloat));
     }
   }
   const int64_t* order_ptr() const { return order.defined() ? order.const_data_ptr<int64_t>() : nullptr; }
   const int64_t* start_ptr() const { return start.defined() ? start.const_data_ptr<int64_t>() : nullptr; }
+  float* part_ptr() const { return part.defined() ? part.mutable_data_ptr<float>() : nullptr; }
 };
 
 }  // namespace cuda

@@ -1,5 +1,8 @@
-// Torch-free types the CUDA launchers take (csrc/cuda/<op>.h): storage dtypes and codebook views.
+// Torch-free types the CUDA launchers take (csrc/cuda/<op>.h): storage dtypes, codebook views and the
+// deterministic scatter's chunking.
 #pragma once
+
+#include "common/layout.h"
 
 #include <cstdint>
 
@@ -16,6 +19,12 @@ struct CodebookView {
   int64_t stride0;   // between codes
   int64_t stride1;   // between a code's elements
 };
+
+// The deterministic scatter (scatter_rows.cuh) sums chunks of 2**kScatterChunkShift sorted rows, and keeps
+// a head and a tail sum of D floats per chunk as scratch.
+constexpr int kScatterChunkShift = 5;
+VQFAST_HOST_DEVICE int64_t scatter_chunks(int64_t N) { return ceil_div(N, int64_t{1} << kScatterChunkShift); }
+inline int64_t scatter_part_floats(int64_t N, int64_t D) { return 2 * scatter_chunks(N) * D; }
 
 }  // namespace cuda
 }  // namespace vqfast

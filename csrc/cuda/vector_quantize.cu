@@ -128,8 +128,8 @@ cudaError_t vector_quantize_backward(const VectorQuantizeBwdParams& p, cudaStrea
         launch(backward_kernel<T, decltype(index_tag)>, static_cast<unsigned>(blocks), kQuantizeThreads, 0, stream, p);
       });
     }
-    const ScatterParams s{N, p.order, p.start, p.cb.K, p.cb.D, p.cb_grad};
-    scatter_rows(s, CodeOf{p.index}, CodeGradRow<T>{p}, stream);
+    const ScatterParams s{N, p.order, p.start, p.cb.K, p.cb.D, p.cb_grad, p.part};
+    scatter_rows(s, CodeOf{p.index}, CodeGradRow<T>{p}, largest, stream);
   });
 }
 

@@ -43,6 +43,7 @@ struct VectorQuantizeBwdParams {
   void* grad_z;             // written in place
   Rows grad_z_rows;         // as rows
   float* cb_grad;           // (K, D) float32
+  float* part;              // scatter_part_floats(rows, D) floats of scratch (deterministic form only)
 };
 cudaError_t vector_quantize_backward(const VectorQuantizeBwdParams& p, cudaStream_t stream);
 

@@ -72,6 +72,7 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_backward_cuda(const at::Tenso
   p.grad_z = grad_z.mutable_data_ptr();
   p.grad_z_rows = rows_in_place(grad_z, dim, "vector_quantize_backward");
   p.cb_grad = seg.out.mutable_data_ptr<float>();
+  p.part = seg.part_ptr();
   check(vector_quantize_backward(p, stream()), "vector_quantize_backward");
   return {grad_z, seg.out.to(codebook.scalar_type())};
 }

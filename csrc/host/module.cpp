@@ -10,9 +10,11 @@
 #include <vector>
 
 #include "host/cuda_device.h"  // before common.cuh, as in the kernels' translation units
+#include "cuda/codebook_gather.h"
 #include "cuda/common.cuh"
 #include "cuda/group_norm_act.h"
 #include "cuda/nearest_code.h"
+#include "cuda/scatter_rows.cuh"
 #include "cuda/vector_quantize.h"
 
 namespace {
@@ -66,6 +68,32 @@ PyObject* group_norm_vector_width(PyObject*, PyObject* args) {
                                                                operands.data(), static_cast<int>(operands.size())));
 }
 
+// codebook_gather_vector_width(element bytes, K, D, stride0, stride1, codebook address, out address,
+// rows after the code dimension) -> elements per thread of the gather.
+PyObject* codebook_gather_vector_width(PyObject*, PyObject* args) {
+  int bytes = 0;
+  long long K = 0, D = 0, stride0 = 0, stride1 = 0, inner = 0;
+  unsigned long long codebook = 0, out = 0;
+  if (!PyArg_ParseTuple(args, "iLLLLKKL", &bytes, &K, &D, &stride0, &stride1, &codebook, &out, &inner)) {
+    return nullptr;
+  }
+  vqfast::cuda::CodebookGatherParams p{};
+  p.dtype = dtype_of_size(bytes);
+  p.cb = {reinterpret_cast<const void*>(codebook), K, D, stride0, stride1};
+  p.out = reinterpret_cast<void*>(out);
+  p.out_rows.d_stride = inner;
+  return PyLong_FromLong(vqfast::cuda::codebook_gather_vector_width(p));
+}
+
+// scatter_grid(N, K, D) -> (chunk blocks, combine blocks, atomic blocks) of the codebook gradient's scatter.
+PyObject* scatter_grid(PyObject*, PyObject* args) {
+  long long N = 0, K = 0, D = 0;
+  if (!PyArg_ParseTuple(args, "LLL", &N, &K, &D)) return nullptr;
+  const vqfast::cuda::ScatterGrid g = vqfast::cuda::scatter_grid(N, K, D);
+  return Py_BuildValue("(LLL)", static_cast<long long>(g.chunk_blocks), static_cast<long long>(g.combine_blocks),
+                       static_cast<long long>(g.atomic_blocks));
+}
+
 // set_index32_limit(limit) -> the previous limit: launches whose largest index or offset exceeds it run
 // the int64_t kernels (common.cuh's with_index).
 PyObject* set_index32_limit(PyObject*, PyObject* args) {
@@ -82,6 +110,9 @@ PyMethodDef methods[] = {
     {"group_norm_grid", group_norm_grid, METH_VARARGS, "(tile, splits, chunk) of the group norm reductions"},
     {"group_norm_vector_width", group_norm_vector_width, METH_VARARGS,
      "elements per thread of group norm's elementwise passes"},
+    {"codebook_gather_vector_width", codebook_gather_vector_width, METH_VARARGS,
+     "elements per thread of codebook_gather"},
+    {"scatter_grid", scatter_grid, METH_VARARGS, "(chunk, combine, atomic) blocks of the codebook gradient's scatter"},
     {"set_index32_limit", set_index32_limit, METH_VARARGS, "sets the largest index of the 32-bit kernels"},
     {nullptr, nullptr, 0, nullptr},
 };
