@@ -5,10 +5,13 @@ the 3x3 convolution that follows it (four 2x2 phase kernels on the small input).
 import torch
 import torch.nn.functional as F
 
-# Row-phase matrices of a 3x3 kernel K over a nearest-2x-upsampled input. Output row 2i + a reads
-# upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows i - 1, i, i (a = 0) or i, i, i + 1 (a = 1): two
-# input rows, weighted (K0, K1 + K2) and (K0 + K1, K2). Columns alike.
-_PHASES = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+def _phase_taps(kernel: torch.Tensor, dim: int) -> torch.Tensor:
+    """The two phases' 2-tap kernels of a 3-tap ``kernel`` along ``dim``, stacked in a new leading dim.
+    Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, that is input rows i - 1, i, i
+    (a = 0) or i, i, i + 1 (a = 1): two input rows weighted (K0, K1 + K2) or (K0 + K1, K2)."""
+    k0, k1, k2 = kernel.unbind(dim)
+    return torch.stack([torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)])
 
 
 def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -19,9 +22,9 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     x's memory format."""
     n, _, h, w = x.shape
     c_out = weight.shape[0]
-    phases = _PHASES.to(device=weight.device, dtype=weight.dtype)
-    # (2 row phases, 2 column phases, c_out, c_in, 2, 2), phase-major as the output channels.
-    kernels = torch.einsum("aiy,bjx,ocyx->abocij", phases, phases, weight).flatten(0, 2)
+    # (2 row phases, 2 column phases, c_out, c_in, 2, 2), phase-major as the output channels; made on the
+    # weight's device from its slices (no host tensor: CUDA graphs capture it).
+    kernels = _phase_taps(_phase_taps(weight, 2), 4).transpose(0, 1).flatten(0, 2)
     stacked = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1)
     out = torch.empty(n, c_out, 2 * h, 2 * w, dtype=stacked.dtype, device=x.device, memory_format=_format(x))
     grid = out.view(n, c_out, h, 2, w, 2)  # a view of out in either memory format
