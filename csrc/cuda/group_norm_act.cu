@@ -57,9 +57,10 @@ struct Cursor {
   __device__ __forceinline__ void next(bool channels_last) {
     if (!channels_last) {
       ++el.s;
-    } else if (++el.c, ++cg == Cg) {
-      cg = 0, ++ng;
+      return;
     }
+    ++el.c;
+    if (++cg == Cg) cg = 0, ++ng;
   }
 };
 

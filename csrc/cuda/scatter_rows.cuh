@@ -1,14 +1,14 @@
 // Scatter-add of rows into a (K, D) float32 codebook gradient, shared by codebook_gather and
 // vector_quantize backward; code(r) is row r's code, row_value(r, k, d) its element d.
 // Deterministic form: the rows sorted by code (order, a stable sort, so a code's rows keep their order;
-// start, each code's segment), cut into chunks of 32 (2**kScatterChunkShift, types.h) sorted rows whatever their codes, so
-// that a code holding most rows (common early in training) is summed by many threads, not by D threads
-// walking all N rows. chunk_kernel: one thread per (chunk, d) sums each run of one code's rows in the
-// chunk, in order; a code whose segment lies in one chunk is written to out, a segment that crosses chunk
-// boundaries leaves the sums of its runs in part (a chunk's first run as its head, its last as its tail).
-// combine_kernel: one thread per (code, d) writes the other codes: zero without rows, else, for a segment
-// over chunks j0 < j1, the tail of j0 plus the heads of j0 + 1 .. j1 in order. Every code's sum thus runs
-// in row order with a fixed association: deterministic.
+// start, each code's segment), cut into chunks of 32 sorted rows (2**kScatterChunkShift, types.h) whatever
+// their codes, so that a code holding most rows (common early in training) is summed by many threads, not
+// by D threads walking all N rows. scatter_chunk_kernel: one thread per (chunk, d) sums each run of one
+// code's rows in the chunk, in order; a code whose segment lies in one chunk is written to out, a segment
+// that crosses chunk boundaries leaves the sums of its runs in part (a chunk's first run as its head, its
+// last as its tail). scatter_combine_kernel: one thread per (code, d) writes the other codes: zero without
+// rows, else, for a segment over chunks j0 < j1, the tail of j0 plus the heads of j0 + 1 .. j1 in order.
+// Every code's sum thus runs in row order with a fixed association: deterministic.
 // Atomic form: one thread per (row, d), atomicAdd into out zeroed by the caller.
 #pragma once
 
@@ -51,7 +51,8 @@ __device__ __forceinline__ void store_run(const ScatterParams& p, int64_t k, Ind
 // a fixed trip count (the code of each row is read, rather than the run's end from start) so that its
 // loads unroll and overlap.
 template <typename Index, typename Code, typename RowValue>
-__global__ void __launch_bounds__(kThreads) scatter_chunk_kernel(const ScatterParams p, Code code, RowValue row_value) {
+__global__ void __launch_bounds__(kThreads)
+    scatter_chunk_kernel(const ScatterParams p, Code code, RowValue row_value) {
   const Index i = static_cast<Index>(blockIdx.x) * kThreads + static_cast<Index>(threadIdx.x);
   const Index D = static_cast<Index>(p.D), N = static_cast<Index>(p.N);
   if (i >= static_cast<Index>(scatter_chunks(p.N)) * D) return;
@@ -85,14 +86,15 @@ __global__ void __launch_bounds__(kThreads) scatter_combine_kernel(const Scatter
     return;
   }
   const Index j0 = chunk_of(seg_begin), j1 = chunk_of(seg_end - 1);
-  if (j0 == j1) return;  // chunk_kernel wrote it
+  if (j0 == j1) return;  // scatter_chunk_kernel wrote it
   float acc = p.part[(2 * j0 + 1) * D + d];
   for (Index j = j0 + 1; j <= j1; ++j) acc += p.part[2 * j * D + d];
   p.out[i] = acc;
 }
 
 template <typename Index, typename Code, typename RowValue>
-__global__ void __launch_bounds__(kThreads) scatter_atomic_kernel(const ScatterParams p, Code code, RowValue row_value) {
+__global__ void __launch_bounds__(kThreads)
+    scatter_atomic_kernel(const ScatterParams p, Code code, RowValue row_value) {
   const Index i = static_cast<Index>(blockIdx.x) * kThreads + static_cast<Index>(threadIdx.x);
   const Index D = static_cast<Index>(p.D);
   if (i >= static_cast<Index>(p.N) * D) return;
