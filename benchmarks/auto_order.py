@@ -43,9 +43,11 @@ def registry_op(op: str) -> str:
 
 
 def load_results(results_dir: Path = RESULTS_DIR) -> list[dict[str, Any]]:
-    """The committed full runs, oldest name first."""
+    """The committed full runs of the runner (not --quick, not other records such as the resource
+    table), oldest name first."""
     paths = sorted(p for p in results_dir.glob("*.json") if not p.name.endswith("-quick.json"))
-    return [json.loads(p.read_text()) for p in paths]
+    results = [json.loads(p.read_text()) for p in paths]
+    return [r for r in results if isinstance(r, dict) and "ops" in r and "device_type" in r.get("meta", {})]
 
 
 def derive(results: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
