@@ -313,15 +313,21 @@ def test_nearest_code_precision_modes(device, precision):
 # ------------------------------------------- at model dims and tile sizes (compiled by benchmarks/resources)
 
 
-SEARCH_DIMS = [(torch.float32, 16), (torch.float16, 16), (torch.bfloat16, 16), (torch.float32, 64), (torch.float32, 256)]
+SEARCH_DIMS = [  # (dtype, D): 16 in each dtype, aMUSEd's 64, 256 (LDM's 3, MoVQ's 4: the conformance suite's)
+    (torch.float32, 16),
+    (torch.float16, 16),
+    (torch.bfloat16, 16),
+    (torch.float32, 64),
+    (torch.float32, 256),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, d", SEARCH_DIMS)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_search_at_model_dims(device, dtype, d, memory_format):
-    """nearest_code and vector_quantize at the code dims of real VQ models, NCHW and channels_last: the
-    chosen code is the nearest (exact distance within float32 rounding of the minimum)."""
+    """nearest_code and vector_quantize at longer code dims than the conformance suite's, NCHW and
+    channels_last: the chosen code is the nearest (exact distance within float32 rounding of the minimum)."""
     nearest_code, _, vector_quantize, _ = kernels()
     torch.manual_seed(0)
     z = torch.randn(2, d, 4, 4, device=device).to(dtype).contiguous(memory_format=memory_format)

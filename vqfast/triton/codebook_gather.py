@@ -17,6 +17,7 @@ from vqfast import layout
 from vqfast.triton._common import Codes, interpreting, row_offsets, row_tile, unsupported_tensor
 
 TILE = 2048  # elements per program of the row kernels
+ROW_WARPS = 8  # 8 elements per thread: at 16, strided rows' 64-bit offsets took the vq backward to 254 registers
 SEGMENT_ROWS = 64  # rows of one code summed per step by the segment sum
 
 
@@ -182,7 +183,8 @@ def forward(indices: torch.Tensor, codebook: torch.Tensor, dim: int) -> torch.Te
     block_n, block_d = tile(d)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     _gather_kernel[grid](
-        indices, out, n, k, d, rows, idx_strides, out_strides, Codes.of(codebook), BLOCK_N=block_n, BLOCK_D=block_d
+        indices, out, n, k, d, rows, idx_strides, out_strides, Codes.of(codebook), BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=ROW_WARPS,
     )
     return out
 
@@ -198,6 +200,7 @@ def backward(grad: torch.Tensor, indices: torch.Tensor, num_codes: int, dim: int
         block_n, block_d = tile(d)
         grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
         _scatter_add_kernel[grid](
-            grad, indices, out, n, d, rows, grad_strides, idx_strides, BLOCK_N=block_n, BLOCK_D=block_d
+            grad, indices, out, n, d, rows, grad_strides, idx_strides, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=ROW_WARPS,
         )
     return out.to(grad.dtype)

@@ -89,11 +89,11 @@ def search(
     (codes, D) and (D, rows) tiles, D in chunks of BLOCK_D."""
     codes = tl.arange(0, BLOCK_K)
     ds = tl.arange(0, BLOCK_D)
-    # Per (lane, row) minimum over the codes lane, lane + BLOCK_K, ...: elementwise in the loop, one
-    # cross-lane reduction at the end. Codes come in increasing order, so keeping the earlier code on
-    # equality keeps the first index.
-    best_d = tl.full((BLOCK_K, BLOCK_N), float("inf"), tl.float32)
-    best_k = tl.zeros((BLOCK_K, BLOCK_N), tl.int32)
+    # A running (distance, index) per row, merged with each tile's nearest: codes come in increasing
+    # order, so keeping the earlier code on equality keeps the first index. (A running best per element
+    # of the tile held two more tiles in registers: 255 with FMA dots.)
+    best_d = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    best_k = tl.zeros((BLOCK_N,), tl.int32)
     if D <= BLOCK_D:  # z's tile stays on chip for the whole codebook
         z_tile = tl.load(
             z_ptr + z_off[None, :] + ds[:, None] * stride_zd, mask=(ds[:, None] < D) & row_mask[None, :], other=0.0
@@ -110,7 +110,7 @@ def search(
             )
             acc = dot(c_tile, z_tile, acc, PRECISION, INTERPRET)
         else:
-            for d0 in range(0, D, BLOCK_D):
+            for d0 in tl.range(0, D, BLOCK_D, num_stages=1):  # pipelined, chunks in flight took D=40 to 255
                 dd = d0 + ds
                 c_chunk = tl.load(
                     codebook.codes + ks[:, None] * codebook.stride_k + dd[None, :] * codebook.stride_d,
@@ -127,15 +127,22 @@ def search(
         # Padding codes get +inf (not inf - 2 * (inf * 0) = NaN for a z holding inf): never below a
         # real code, and later in index on equality.
         dist = tl.where(k_mask[:, None], dist, float("inf"))
-        best_d, best_k = take_nearest(best_d, best_k, dist, ks[:, None])
-    # Across lanes, torch.argmin's order: the first NaN, else the first minimum. Built-in min
-    # reductions only (no NaN reaches them): a custom combine runs per element in the interpreter.
-    nan = best_d != best_d
+        tile_d, tile_k = first_nearest(dist, ks)
+        best_d, best_k = take_nearest(best_d, best_k, tile_d, tile_k)
+    return best_d, best_k
+
+
+@triton.jit
+def first_nearest(dist, ks):
+    """Per row of a (codes, rows) tile of distances to codes ``ks``: ``(distance, index)`` of the first NaN,
+    else of the first minimum (torch.argmin's order). Built-in min reductions only (no NaN reaches them):
+    a custom combine runs per element in the interpreter."""
+    nan = dist != dist
     no_code = 2147483647
-    first_nan = tl.min(tl.where(nan, best_k, no_code), 0)
-    best_d = tl.where(nan, float("inf"), best_d)
-    least = tl.min(best_d, 0)
-    first_least = tl.min(tl.where(best_d == least[None, :], best_k, no_code), 0)
+    first_nan = tl.min(tl.where(nan, ks[:, None], no_code), 0)
+    dist = tl.where(nan, float("inf"), dist)
+    least = tl.min(dist, 0)
+    first_least = tl.min(tl.where(dist == least[None, :], ks[:, None], no_code), 0)
     found_nan = first_nan < no_code
     return tl.where(found_nan, float("nan"), least), tl.where(found_nan, first_nan, first_least)
 
@@ -175,14 +182,13 @@ def _merge_kernel(
     tl.store(out_ptr + row, best_k.to(tl.int64), mask=mask)
 
 
-# (BLOCK_N, BLOCK_K) tiles hold three float32/int32 values per element (distance, running minimum and
-# its index): 16 to 32 elements per thread keep them in registers.
+# (BLOCK_K, BLOCK_N) tiles of float32 distances, 16 or 32 per thread. 8192-element tiles (64 x 128 and
+# 128 x 64 on 8 warps) spilled in vector_quantize's float32 FMA dots at D = 256, where ptxas holds
+# 256-thread programs to 128 registers.
 SEARCH_CONFIGS = [  # the first one also runs under the interpreter
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),  # batch-1 latents: more blocks
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
 
 
@@ -224,7 +230,7 @@ def _nearest_code_kernel(
 
 
 MERGE_BLOCK = 256
-SPLIT_ROWS = 128  # rows per program that the codebook split assumes: the configs' largest BLOCK_N
+SPLIT_ROWS = 64  # rows per program that the codebook split assumes: the configs' largest BLOCK_N
 SPLIT_CODES = 64  # codes per split, at least (and a multiple of)
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from vqfast import layout
 from vqfast.triton._common import Codes, autotune, round_to, row_offsets, row_tile
-from vqfast.triton.codebook_gather import segment_sum, tile
+from vqfast.triton.codebook_gather import ROW_WARPS, segment_sum, tile
 from vqfast.triton.nearest_code import (
     SEARCH_CONFIGS,
     codebook_splits,
@@ -159,7 +159,7 @@ def backward(
         grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
         _backward_kernel[grid](
             grad_z_q, z, grad_z, indices, coef, None if deterministic else grad_codebook, n, d, w_z, w_q, rows,
-            *strides, Codes.of(codebook), BLOCK_N=block_n, BLOCK_D=block_d,
+            *strides, Codes.of(codebook), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=ROW_WARPS,
         )  # fmt: skip
         if deterministic:
             grad_codebook = segment_sum(z, dim, indices, k, codebook, -w_q * coef)
