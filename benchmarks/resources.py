@@ -384,7 +384,8 @@ def _markdown(meta: dict, triton_rows: list[dict], cuda_rows: list[dict]) -> str
         groups: dict[tuple, list[dict]] = {}
         for r in rows:
             groups.setdefault((r["kernel"], r["target"], r["specialization"]), []).append(r)
-        lines += ["", f"## {title}", "", "| kernel | target | specialization | n | regs | spill st/ld | stack | smem | ld.global |",
+        lines += ["", f"## {title}", "",
+                  "| kernel | target | specialization | n | regs | spill st/ld | stack | smem | ld.global |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for (kernel, target, spec), group in sorted(groups.items()):
             if any("error" in r for r in group):
@@ -404,7 +405,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="compile processes")
     parser.add_argument("--no-cuda", action="store_true", help="skip csrc/cuda")
-    parser.add_argument("--check", action="store_true", help="CI: compile what the table does not prove, write no table")
+    parser.add_argument("--check", action="store_true", help="compile what the table does not prove, write nothing")
     options = parser.parse_args()
     start = time.perf_counter()
     launches = record_launches()
@@ -414,7 +415,8 @@ def main() -> None:
     meta = {**_versions(), "seconds": time.perf_counter() - start}
     if not options.check:
         TABLE.parent.mkdir(parents=True, exist_ok=True)
-        TABLE.with_suffix(".json").write_text(json.dumps({**meta, "triton_kernels": rows, "cuda_kernels": cuda}, indent=1))
+        table = {**meta, "triton_kernels": rows, "cuda_kernels": cuda}
+        TABLE.with_suffix(".json").write_text(json.dumps(table, indent=1))
         TABLE.with_suffix(".md").write_text(_markdown(meta, rows, cuda))
     errors = [r for r in rows + cuda if "error" in r]
     print(
