@@ -5,6 +5,8 @@ the 3x3 convolution that follows it (four 2x2 phase kernels on the small input).
 import torch
 import torch.nn.functional as F
 
+from vqfast.layout import memory_format
+
 
 def _phase_taps(kernel: torch.Tensor, dim: int) -> torch.Tensor:
     """The two phases' 2-tap kernels of a 3-tap ``kernel`` along ``dim``, stacked in a new leading dim.
@@ -26,7 +28,7 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     # weight's device from its slices (no host tensor: CUDA graphs capture it).
     kernels = _phase_taps(_phase_taps(weight, 2), 4).transpose(0, 1).flatten(0, 2)
     stacked = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1)
-    out = torch.empty(n, c_out, 2 * h, 2 * w, dtype=stacked.dtype, device=x.device, memory_format=_format(x))
+    out = torch.empty(n, c_out, 2 * h, 2 * w, dtype=stacked.dtype, device=x.device, memory_format=memory_format(x))
     grid = out.view(n, c_out, h, 2, w, 2)  # a view of out in either memory format
     for a in (0, 1):
         for b in (0, 1):
@@ -56,14 +58,14 @@ def _fuses_add(conv: torch.nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -
         return False
     if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or conv.weight.requires_grad):
         return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != x.dtype:
+        return False
     if x.dtype == torch.bfloat16:
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return False
-    elif x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+    elif x.dtype != torch.float32:
         return False
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != x.dtype:
-        return False
-    fmt = _format(x)
+    fmt = memory_format(x)
     return (
         conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
@@ -73,10 +75,3 @@ def _fuses_add(conv: torch.nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -
         and x.is_contiguous(memory_format=fmt)
         and residual.shape[1] == conv.out_channels
     )
-
-
-def _format(x: torch.Tensor) -> torch.memory_format:
-    """x's memory format; contiguous where both fit (a 1x1 map), as torch's convolutions take it."""
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return torch.contiguous_format
-    return torch.channels_last

@@ -94,8 +94,8 @@ class VQModel(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     @apply_forward_hook
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> VQEncoderOutput | tuple[torch.Tensor]:
-        """Image ``x`` (B, in_channels, H, W) -> latents (B, vq_embed_dim, h, w), before quantization, in x's
-    memory format (channels_last inside)."""
+        """Image ``x`` (B, in_channels, H, W) -> latents (B, vq_embed_dim, h, w), before quantization, in
+        x's memory format (channels_last inside)."""
         h = self.quant_conv(self.encoder(_channels_last(x))).contiguous(memory_format=memory_format(x))
         return VQEncoderOutput(latents=h) if return_dict else (h,)
 
@@ -161,8 +161,8 @@ def _contiguous_state(module: nn.Module, state_dict: dict, prefix: str, local_me
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """x in channels_last, the layout every convolution and norm inside the model runs in (the fastest for
-    oneDNN and cuDNN convolutions alike); parameters stay in the checkpoints' layout. Other ranks (a bad
-    input, left to the first convolution's error) pass as they are."""
+    oneDNN and cuDNN convolutions alike), as the convolution weights are. Other ranks (a bad input, left
+    to the first convolution's error) pass as they are."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
