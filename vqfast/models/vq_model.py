@@ -1,5 +1,6 @@
 """``vqfast.VQModel``: diffusers' VQModel (same constructor, config, checkpoint keys and outputs) on vqfast's ops."""
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import diffusers
@@ -12,6 +13,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from vqfast.layout import memory_format
+from vqfast.models import tiling
 from vqfast.models.quantizer import VectorQuantizer
 from vqfast.models.vae import Decoder, Encoder
 
@@ -25,6 +27,15 @@ class VQModel(ModelMixin, AutoencoderMixin, ConfigMixin):
     ``norm_type="spatial"`` is MoVQ (Kandinsky): the decoder's norms are conditioned on the quantized latent.
     ``lookup_from_codebook``: ``decode(indices, force_not_quantize=True, shape=(B, h, w, C))`` decodes
     codebook indices (aMUSEd). ``force_upcast`` is only read by pipelines.
+
+    Tiling and slicing, off by default, as diffusers' AutoencoderKL has them: ``enable_tiling()`` encodes and
+    decodes images larger than ``tile_sample_min_size`` (latents larger than ``tile_latent_min_size``) in
+    tiles overlapping by ``tile_overlap_factor``, blended with ``blend_v``/``blend_h``; ``enable_slicing()``
+    runs the encoder and the decoder one sample at a time. Quantization (and the codebook lookup) always
+    runs once on the whole latent, so ``commit_loss`` is the untiled one. The tile size defaults to
+    ``sample_size``, as in AutoencoderKL; configs whose ``sample_size`` is a placeholder (32 in aMUSEd's
+    and Kandinsky's) want both sizes set, e.g. ``tile_sample_min_size = 512`` and
+    ``tile_latent_min_size = 512 // 2 ** (len(block_out_channels) - 1)``.
     """
 
     _skip_layerwise_casting_patterns = ["quantize"]
@@ -84,6 +95,14 @@ class VQModel(ModelMixin, AutoencoderMixin, ConfigMixin):
         self.register_state_dict_post_hook(_contiguous_state)
         self.register_load_state_dict_post_hook(lambda module, incompatible_keys: _weights_channels_last(module))
 
+        self.use_slicing = False
+        self.use_tiling = False
+        # Only read with tiling on; AutoencoderKL's names and defaults.
+        sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        self.tile_sample_min_size = sample_size
+        self.tile_latent_min_size = int(sample_size / 2 ** (len(block_out_channels) - 1))
+        self.tile_overlap_factor = 0.25
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | None, **kwargs: Any) -> Any:
         """diffusers' ``from_pretrained`` (same arguments and result), with the convolution weights it
@@ -95,9 +114,12 @@ class VQModel(ModelMixin, AutoencoderMixin, ConfigMixin):
     @apply_forward_hook
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> VQEncoderOutput | tuple[torch.Tensor]:
         """Image ``x`` (B, in_channels, H, W) -> latents (B, vq_embed_dim, h, w), before quantization, in
-        x's memory format (channels_last inside)."""
-        h = self.quant_conv(self.encoder(_channels_last(x))).contiguous(memory_format=memory_format(x))
-        return VQEncoderOutput(latents=h) if return_dict else (h,)
+        x's memory format (channels_last inside); sliced and tiled when enabled."""
+        return _encoder_output(self._sliced(self._encode, x), x, return_dict)
+
+    def tiled_encode(self, x: torch.Tensor, return_dict: bool = True) -> VQEncoderOutput | tuple[torch.Tensor]:
+        """``encode`` in tiles, whatever ``use_tiling`` and the image size (slicing aside)."""
+        return _encoder_output(self._tiled_encode(x), x, return_dict)
 
     @apply_forward_hook
     def decode(
@@ -110,16 +132,77 @@ class VQModel(ModelMixin, AutoencoderMixin, ConfigMixin):
         """Latents -> image. ``h`` is quantized first unless ``force_not_quantize``; then, with
         ``lookup_from_codebook``, ``h`` holds codebook indices for a latent of ``shape`` (B, h, w, C).
         ``commit_loss`` is the quantizer's loss, or zeros of shape (B,) and h's dtype when not quantizing. The image
-        comes in h's memory format (channels_last inside)."""
-        output_format = memory_format(h)
+        comes in h's memory format (channels_last inside). Quantization runs on the whole latent; the
+        decoder is sliced and tiled when enabled."""
+        quant, commit_loss = self._quantize(h, force_not_quantize, shape)
+        return _decoder_output(self._sliced(self._decode, quant), commit_loss, h, return_dict)
+
+    def tiled_decode(
+        self,
+        h: torch.Tensor,
+        force_not_quantize: bool = False,
+        return_dict: bool = True,
+        shape: tuple[int, ...] | None = None,
+    ) -> DecoderOutput | tuple[torch.Tensor, torch.Tensor]:
+        """``decode`` with the decoder in tiles, whatever ``use_tiling`` and the latent size (slicing aside)."""
+        quant, commit_loss = self._quantize(h, force_not_quantize, shape)
+        return _decoder_output(self._tiled_decode(quant), commit_loss, h, return_dict)
+
+    def blend_v(self, a: torch.Tensor, b: torch.Tensor, blend_extent: int) -> torch.Tensor:
+        """AutoencoderKL's vertical seam blend: see :func:`vqfast.models.tiling.blend_v`."""
+        return tiling.blend_v(a, b, blend_extent)
+
+    def blend_h(self, a: torch.Tensor, b: torch.Tensor, blend_extent: int) -> torch.Tensor:
+        """AutoencoderKL's horizontal seam blend: see :func:`vqfast.models.tiling.blend_h`."""
+        return tiling.blend_h(a, b, blend_extent)
+
+    def tile_grid(self) -> tiling.TileGrid:
+        """The tiles the current knobs give, in latent positions (ValueError naming a knob that is off)."""
+        scale = 2 ** (len(self.config.block_out_channels) - 1)
+        return tiling.tile_grid(self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor, scale)
+
+    def _sliced(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return tiling.sliced(fn, x) if self.use_slicing and x.shape[0] > 1 else fn(x)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents in channels_last; images no larger than a tile go untiled, as in AutoencoderKL."""
+        if self.use_tiling and x.dim() == 4 and max(x.shape[2:]) > self.tile_sample_min_size:
+            return self._tiled_encode(x)
+        return self._encoder(x)
+
+    def _encoder(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(_channels_last(x)))
+
+    def _tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.tile_grid()
+        return tiling.tiled_map(
+            self._encoder, x, grid.tile * grid.scale, grid.stride * grid.scale, keep=grid.stride, blend=grid.overlap
+        )
+
+    def _quantize(
+        self, h: torch.Tensor, force_not_quantize: bool, shape: tuple[int, ...] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(channels_last quantized latent, commit_loss) for the whole of ``h``."""
         if not force_not_quantize:
             quant, commit_loss, _ = self.quantize(_channels_last(h))
-        else:
-            quant = _channels_last(self._look_up(h, shape) if self.config.lookup_from_codebook else h)
-            commit_loss = h.new_zeros(h.shape[0])
-        dec = self.decoder(self.post_quant_conv(quant), quant if self.config.norm_type == "spatial" else None)
-        dec = dec.contiguous(memory_format=output_format)
-        return DecoderOutput(sample=dec, commit_loss=commit_loss) if return_dict else (dec, commit_loss)
+            return quant, commit_loss
+        quant = _channels_last(self._look_up(h, shape) if self.config.lookup_from_codebook else h)
+        return quant, h.new_zeros(h.shape[0])
+
+    def _decode(self, quant: torch.Tensor) -> torch.Tensor:
+        """The image of a quantized latent; latents no larger than a tile go untiled, as in AutoencoderKL."""
+        if self.use_tiling and quant.dim() == 4 and max(quant.shape[2:]) > self.tile_latent_min_size:
+            return self._tiled_decode(quant)
+        return self._decoder(quant)
+
+    def _decoder(self, quant: torch.Tensor) -> torch.Tensor:
+        """MoVQ's decoder is conditioned on ``quant`` itself: a tile gets its own crop of it."""
+        return self.decoder(self.post_quant_conv(quant), quant if self.config.norm_type == "spatial" else None)
+
+    def _tiled_decode(self, quant: torch.Tensor) -> torch.Tensor:
+        grid = self.tile_grid()
+        keep, blend = grid.stride * grid.scale, grid.overlap * grid.scale
+        return tiling.tiled_map(self._decoder, quant, grid.tile, grid.stride, keep=keep, blend=blend)
 
     def _look_up(self, h: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:
         """The NCHW latent of codebook indices ``h``, checked first so that float latents (decode called as
@@ -143,6 +226,19 @@ class VQModel(ModelMixin, AutoencoderMixin, ConfigMixin):
     def to_diffusers(self) -> diffusers.VQModel:
         """A ``diffusers.VQModel`` with this model's config and a copy of its weights."""
         return _convert(self, diffusers.VQModel)
+
+
+def _encoder_output(h: torch.Tensor, x: torch.Tensor, return_dict: bool) -> VQEncoderOutput | tuple[torch.Tensor]:
+    h = h.contiguous(memory_format=memory_format(x))
+    return VQEncoderOutput(latents=h) if return_dict else (h,)
+
+
+def _decoder_output(
+    dec: torch.Tensor, commit_loss: torch.Tensor, h: torch.Tensor, return_dict: bool
+) -> DecoderOutput | tuple[torch.Tensor, torch.Tensor]:
+    """The image in the memory format of the latents ``h`` it was decoded from."""
+    dec = dec.contiguous(memory_format=memory_format(h))
+    return DecoderOutput(sample=dec, commit_loss=commit_loss) if return_dict else (dec, commit_loss)
 
 
 def _weights_channels_last(model: nn.Module) -> None:
