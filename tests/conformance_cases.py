@@ -336,6 +336,8 @@ SPATIAL_EDGES = [
     ("batch0", spatial((0, 8, 4, 4), (2, 2), 4), {}),
     ("size1", spatial((1, 4, 1, 1), (1, 1), 1), {}),
     ("odd", spatial((3, 10, 7, 13), (3, 5), 5), {}),
+    # Over 16 channels and 16 latent positions, neither a multiple of 16: the native kernel's tiled transposition.
+    ("tiles", spatial((2, 40, 12, 10), (6, 5), 4), {"layout": "channels_last"}),
     ("no_affine_identity", spatial((2, 6, 7, 9), (3, 4), 3, affine="none", activation=None), {}),
     ("non_finite_f", spatial((2, 8, 5, 7), (2, 3), 4, edit=_non_finite_x), {"backward": False}),
 ]

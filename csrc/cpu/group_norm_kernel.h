@@ -252,11 +252,44 @@ inline void combine_runs(const Shape& sh, const std::vector<float>& part, int64_
   }
 }
 
-// The upsampled scale and shift of all C channels at (n, s).
-inline void spatial_channels(const Spatial& sp, int64_t n, int64_t C, int64_t s, float* scale, float* shift) {
-  const int64_t off = n * C * sp.s + sp.src[s];
-  for (int64_t c = 0; c < C; ++c) scale[c] = sp.scale[off + c * sp.s], shift[c] = sp.shift[off + c * sp.s];
-}
+// scale and shift transposed to (N, s, C), channels innermost: the C values a position needs are one
+// contiguous row, where the (N, C, s) tensors give them at stride s (a scalar gather per channel that
+// cost ten times the norm itself). Latent-sized: built once per call.
+struct SpatialRows {
+  float* scale = nullptr;
+  float* shift = nullptr;
+  int64_t C, s;
+  SpatialRows(const Spatial& sp, int64_t N, int64_t C_) : C(C_), s(sp.s) {
+    if (!sp.scale) return;
+    // One buffer per calling thread, kept between calls: a fresh multi-MiB allocation each call costs
+    // more in page faults than the whole transposition.
+    thread_local std::vector<float> buffer;
+    const int64_t size = N * s * C + kVec;
+    if (static_cast<int64_t>(buffer.size()) < 2 * size) buffer.resize(2 * size);
+    scale = buffer.data(), shift = buffer.data() + size;
+    // kTile x kTile blocks through a local tile, so that every cache line is read once and written once
+    // whole (strided single-float writes made the power-of-two strides alias in L1: 20 ms for 4M floats).
+    constexpr int64_t kTile = 16;
+    const int64_t c_tiles = (C + kTile - 1) / kTile;
+    at::parallel_for(0, N * c_tiles, 1, [&](int64_t begin, int64_t end) {
+      float tile[kTile][kTile];
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / c_tiles, c0 = (t % c_tiles) * kTile, cw = std::min(kTile, C - c0);
+        for (int64_t j0 = 0; j0 < s; j0 += kTile) {
+          const int64_t jw = std::min(kTile, s - j0);
+          for (auto [from, to] : {std::pair{sp.scale, scale}, std::pair{sp.shift, shift}}) {
+            for (int64_t c = 0; c < cw; ++c)
+              for (int64_t j = 0; j < jw; ++j) tile[j][c] = from[(n * C + c0 + c) * s + j0 + j];
+            for (int64_t j = 0; j < jw; ++j) std::copy_n(tile[j], cw, to + (n * s + j0 + j) * C + c0);
+          }
+        }
+      }
+    });
+  }
+  // The upsampled scale (shift) row of all C channels at (n, position p).
+  const float* scale_at(const Spatial& sp, int64_t n, int64_t p) const { return scale + (n * s + sp.src[p]) * C; }
+  const float* shift_at(const Spatial& sp, int64_t n, int64_t p) const { return shift + (n * s + sp.src[p]) * C; }
+};
 
 template <typename T, bool SILU, bool SPATIAL>
 void forward_cl(View<const T> x, View<T> y, Shape sh, const float* w, const float* b, float eps, float* mean,
@@ -300,19 +333,19 @@ void forward_cl(View<const T> x, View<T> y, Shape sh, const float* w, const floa
       }
     }
   }
+  const SpatialRows rows(sp, SPATIAL ? sh.N : 0, C);
   for_each_run(sh, [&](int64_t n, int64_t, int64_t s0, int64_t s1e) {
-    std::vector<float> sc(SPATIAL ? C + kVec : 0), sf(SPATIAL ? C + kVec : 0);
     const float* An = A.data() + n * C;
     const float* Bn = Bv.data() + n * C;
     const float* Mn = M.data() + n * C;
     for (int64_t s = s0; s < s1e; ++s) {
       const T* xs = x.at(n, 0, s);
       T* ys = y.at(n, 0, s);
-      if constexpr (SPATIAL) spatial_channels(sp, n, C, s, sc.data(), sf.data());
       for (int64_t c = 0; c < C; c += kVec) {
         const int64_t m = C - c;
         Vec pre = at::vec::fmadd(vload_n(xs + c, m) - Vec::loadu(Mn + c), Vec::loadu(An + c), Vec::loadu(Bn + c));
-        if constexpr (SPATIAL) pre = at::vec::fmadd(pre, Vec::loadu(sc.data() + c), Vec::loadu(sf.data() + c));
+        if constexpr (SPATIAL)
+          pre = at::vec::fmadd(pre, Vec::loadu(rows.scale_at(sp, n, s) + c), Vec::loadu(rows.shift_at(sp, n, s) + c));
         vstore_n(ys + c, activate<SILU>(pre), m);
       }
     }
@@ -405,16 +438,17 @@ void backward_cl(View<const T> gy, View<const T> x, View<T> gx, Shape sh, const 
       }
     }
   }
+  const SpatialRows rows(sp, SPATIAL ? sh.N : 0, C);
   for_each_run(sh, [&](int64_t n, int64_t, int64_t s0, int64_t s1e) {
-    std::vector<float> sc(SPATIAL ? C + kVec : 0), sf(SPATIAL ? C + kVec : 0);
     for (int64_t s = s0; s < s1e; ++s) {
-      if constexpr (SPATIAL) spatial_channels(sp, n, C, s, sc.data(), sf.data());
+      const float* sc = SPATIAL ? rows.scale_at(sp, n, s) : nullptr;
+      const float* sf = SPATIAL ? rows.shift_at(sp, n, s) : nullptr;
       T* ds = gx.at(n, 0, s);
       for (int64_t c = 0; c < C; c += kVec) {
         const int64_t m = C - c;
         Vec xh, norm, gp;
-        grad_at(n, s, c, m, SPATIAL ? sc.data() + c : nullptr, SPATIAL ? sf.data() + c : nullptr, xh, norm, gp);
-        if constexpr (SPATIAL) gp = gp * Vec::loadu(sc.data() + c);
+        grad_at(n, s, c, m, SPATIAL ? sc + c : nullptr, SPATIAL ? sf + c : nullptr, xh, norm, gp);
+        if constexpr (SPATIAL) gp = gp * Vec::loadu(sc + c);
         const int64_t nc = n * C + c;
         const Vec out = at::vec::fmadd(gp, Vec::loadu(WR.data() + nc),
                                        at::vec::fmadd(xh, Vec::loadu(C2.data() + nc), Vec::loadu(C1.data() + nc)));

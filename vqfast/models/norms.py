@@ -57,11 +57,14 @@ class SpatialNorm(nn.Module):
 
 
 def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 convolution as a matrix product over the pixels, in x's memory format: on a channels_last x
-    with a few channels (MoVQ's 4-channel latent) torch's convolution takes a slow path that costs more
-    than the norm it feeds."""
+    """A 1x1 convolution as one matrix product per image, ``weight @ pixels``, giving a contiguous (NCHW)
+    map whatever x's memory format: the layout spatial_norm_act reads scale and shift in, so neither is
+    transposed on the way (and on a channels_last x with a few channels, MoVQ's 4-channel latent, torch's
+    convolution takes a slow path that costs more than the norm it feeds)."""
     weight = conv.weight.view(conv.out_channels, conv.in_channels)
-    return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
+    out = torch.matmul(weight, x.flatten(2))
+    out = out if conv.bias is None else out + conv.bias[:, None].to(out.dtype)
+    return out.view(x.shape[0], conv.out_channels, *x.shape[2:])
 
 
 def norm_act(channels: int, num_groups: int, act_fn: str | None, zq_channels: int | None) -> nn.Module:
