@@ -27,6 +27,7 @@ threads; on CUDA, the GPU of its local rank.
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -275,11 +276,13 @@ def _join_process_group(device: torch.device) -> bool:
     CUDA) when launched by it with several processes and no group exists; True when it created one."""
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return False
+    # A rank done with its shards waits at the barrier for the others' last ones: hours on a CPU, not 30 minutes.
+    timeout = datetime.timedelta(days=1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return True
 
 
