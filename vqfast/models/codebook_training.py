@@ -76,7 +76,7 @@ def draw_rows(rows: torch.Tensor, num: int, generator: torch.Generator) -> torch
         picked = torch.randperm(n, generator=generator, device=rows.device)[:num]
     else:
         picked = torch.randint(n, (num,), generator=generator, device=rows.device)
-    return rows[picked]
+    return rows.index_select(0, picked)
 
 
 def restart_dead_codes_(
