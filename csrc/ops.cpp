@@ -15,6 +15,9 @@ TORCH_LIBRARY(vqfast_C, m) {
       "vector_quantize(Tensor z, Tensor codebook, float w_z, float w_q, int dim)"
       " -> (Tensor z_q, Tensor loss, Tensor indices)");
   m.def(
+      "vector_quantize_stats(Tensor z, Tensor codebook, float w_z, float w_q, int dim)"
+      " -> (Tensor z_q, Tensor loss, Tensor indices, Tensor counts, Tensor sums)");
+  m.def(
       "vector_quantize_backward(Tensor grad_z_q, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices,"
       " float w_z, float w_q, int dim) -> (Tensor grad_z, Tensor grad_codebook)");
   m.def(

@@ -224,6 +224,7 @@ QUANTIZE_EDGES = [
     ("size1", quantize((1, 1, 1, 1), 1, 5), {}),
     ("k1", quantize((2, 3, 3, 3), 1, 1), {}),
     ("odd", quantize((3, 13, 7, 11), 1, 131), {}),
+    ("many_rows", quantize((2, 3, 40, 40), 1, 7), {}),  # the CPU statistics' parts of rows
     ("lattice_ties", quantize((2, 3, 8, 8), 1, 40, grid=0.5, edit=_lattice_duplicates), {}),
     ("non_finite_z", quantize((12, 6), -1, 40, edit=_non_finite_z), {"backward": False}),
     ("huge", quantize((2, 4, 5, 5), 1, 30, edit=_scaled(1e15)), {}),

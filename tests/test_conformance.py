@@ -149,16 +149,16 @@ def prepare(case: Case, device: str, *, reference: bool = False) -> tuple[dict[s
     return leaves, args
 
 
-def run(case: Case, backend: str, device: str, *, reference: bool = False, prepared=None) -> Result:
-    """``case`` through the public op on ``backend``, forward and backward. A backend that declines
-    the inputs skips the case with its reason."""
+def run(case: Case, backend: str, device: str, *, reference: bool = False, prepared=None, options=None) -> Result:
+    """``case`` through the public op on ``backend`` (with the keyword ``options``, if any), forward and
+    backward. A backend that declines the inputs skips the case with its reason."""
     leaves, args = prepared or prepare(case, device, reference=reference)
     with _selected(case.op, backend):
         with contextlib.nullcontext() if reference else _skipped_if_declined(backend):
-            outputs = getattr(vqfast.ops, case.op)(**args)
+            outputs = getattr(vqfast.ops, case.op)(**args, **(options or {}))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         if leaves:
-            differentiable = [out for out in outputs if out.is_floating_point()]
+            differentiable = [out for out in outputs if out.requires_grad]
             torch.autograd.backward(differentiable, _cotangents(case, differentiable, device, reference=reference))
     return Result(tuple(out.detach() for out in outputs), {k: v.grad for k, v in leaves.items()}, args)
 
@@ -203,13 +203,25 @@ def check_nearest(indices: torch.Tensor, expected: torch.Tensor, z: torch.Tensor
         assert not wrong.any(), f"{what}: rows {wrong.nonzero().view(-1)[:8].tolist()} differ from a clear argmin"
 
 
+def check_stats(stats, expected, z: torch.Tensor, tol: Tolerance, case: Case) -> None:
+    """vector_quantize's (counts, sums): the counts exactly, the sums (float32 sums of the same rows in
+    another order) within the tolerance, in the statistics dtype."""
+    (counts, sums), (counts_ref, sums_ref) = stats, expected
+    assert counts.dtype == torch.float32 and counts.shape == counts_ref.shape, f"counts: {counts.shape} {counts.dtype}"
+    assert torch.equal(counts, counts_ref), f"counts differ at {(counts != counts_ref).nonzero()[:8].tolist()}"
+    assert sums.dtype == torch.promote_types(z.dtype, torch.float32), f"sums: {sums.dtype}"
+    assert_close(sums, sums_ref, tol, case, "sums")
+
+
 def check_case(case: Case, actual: Result, expected: Result, tol: Tolerance) -> None:
     op, args = case.op, actual.args
     if op == "nearest_code":
         z, dim = args["z"], args["dim"] % args["z"].dim()
         check_nearest(actual.outputs[0], expected.outputs[0], z, args["codebook"], dim, tol, case.exact)
     elif op == "vector_quantize":
-        (z_q, loss, indices), (z_q_ref, loss_ref, indices_ref) = actual.outputs, expected.outputs
+        (z_q, loss, indices, *stats), (z_q_ref, loss_ref, indices_ref, *stats_ref) = actual.outputs, expected.outputs
+        if stats_ref:
+            check_stats(stats, stats_ref, args["z"], tol, case)
         # The vectors lie near their codes (or tie exactly): every backend's search finds the same.
         assert torch.equal(indices, indices_ref), f"indices differ at {(indices != indices_ref).nonzero()[:8].tolist()}"
         assert z_q.stride() == torch.empty_like(args["z"]).stride(), "z_q is not in z's layout"
@@ -247,6 +259,32 @@ def test_matches_the_reference(case: Case, backend: str, device: str):
     expected = run(case, "torch", device, reference=True)
     actual = run(case, backend, device)
     check_case(case, actual, expected, tol)
+
+
+STATS = {"return_stats": True}
+QUANTIZE_CASES = [c for c in ALL_CASES if c.op == "vector_quantize"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", QUANTIZE_CASES, ids=lambda c: c.id)
+def test_vector_quantize_stats_match_the_reference(case: Case, backend: str, device: str):
+    """``return_stats=True``: z_q, loss, indices and the gradients as the reference's (as without
+    stats), the per-code counts exactly and the sums within the tolerance."""
+    tol = TOLERANCE[backend][case.dtype]
+    expected = run(case, "torch", device, reference=True, options=STATS)
+    actual = run(case, backend, device, options=STATS)
+    assert len(actual.outputs) == 5
+    check_case(case, actual, expected, tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vector_quantize_stats_have_no_gradient(backend: str):
+    z, codebook = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    with _selected("vector_quantize", backend), _skipped_if_declined(backend):
+        z_q, loss, _, counts, sums = vqfast.ops.vector_quantize(z, codebook, return_stats=True)
+    assert z_q.requires_grad and loss.requires_grad
+    assert not counts.requires_grad and not sums.requires_grad
 
 
 @pytest.mark.skipif(INTERPRETED, reason="ran in the parent process")
@@ -306,6 +344,27 @@ def test_deterministic_backward(case: Case, backend: str, device: str):
         assert torch.equal(grad, second.grads[name]), f"gradient of {name}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "case",
+    [c for c in QUANTIZE_CASES if c.name in ("base", "k1", "many_rows") and c.layout == "contiguous"
+     and c.dtype == F32],
+    ids=lambda c: c.id,
+)
+def test_deterministic_stats(case: Case, backend: str, device: str):
+    """vector_quantize's counts and sums (all rows in one code for K = 1; many rows over a few codes)
+    are the same bits run after run under ``torch.use_deterministic_algorithms(True)``."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = (run(case, backend, device, options=STATS) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name, a, b in zip(("counts", "sums"), first.outputs[3:], second.outputs[3:]):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [-1, 11])
 def test_codebook_gather_out_of_range_raises(backend: str, bad: int):
@@ -326,6 +385,9 @@ def _meta_calls():
     return {
         "nearest_code": (lambda: vqfast.ops.nearest_code(z, cb), [(2, 8, 8)]),
         "vector_quantize": (lambda: vqfast.ops.vector_quantize(z, cb), [(2, 4, 8, 8), (), (128,)]),
+        "vector_quantize_stats": (
+            lambda: vqfast.ops.vector_quantize(z, cb, return_stats=True), [(2, 4, 8, 8), (), (128,), (16,), (16, 4)]
+        ),
         "group_norm_act": (lambda: vqfast.ops.group_norm_act(x, 4), [(2, 8, 6, 6)]),
         "spatial_norm_act": (lambda: vqfast.ops.spatial_norm_act(x, low, low, 4), [(2, 8, 6, 6)]),
         "codebook_gather": (lambda: vqfast.ops.codebook_gather(indices, cb, 1), [(2, 4, 8, 8)]),
@@ -344,12 +406,14 @@ def test_runs_on_meta_tensors(op: str):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", list(DIFFERENTIABLE))
+@pytest.mark.parametrize("op", [*DIFFERENTIABLE, "vector_quantize_stats"])
 def test_no_host_sync(op: str, backend: str, device: str, monkeypatch):
     """DESIGN 2: no ``.item()`` or other read of a tensor's value on the host, forward or backward
     (issue 11: codebook_gather checked its bounds with two), so the ops run inside CUDA graphs."""
     if INTERPRETED and device == "cpu":
         pytest.skip("the interpreter runs Triton kernels on the host: a host check there waits for nothing")
+    options = STATS if op == "vector_quantize_stats" else None
+    op = op.removesuffix("_stats")
     case = next(c for c in ALL_CASES if c.op == op and c.name == "base" and c.layout == "contiguous" and c.dtype == F32)
     prepared = prepare(case, device)
 
@@ -361,7 +425,7 @@ def test_no_host_sync(op: str, backend: str, device: str, monkeypatch):
     if device == "cuda":
         torch.cuda.set_sync_debug_mode("error")
     try:
-        run(case, backend, device, prepared=prepared)
+        run(case, backend, device, prepared=prepared, options=options)
     finally:
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("default")

@@ -22,6 +22,7 @@ from vqfast.ops.group_norm_act import Inputs as NormInputs
 from vqfast.ops.nearest_code import Inputs as NearestInputs
 from vqfast.ops.vector_quantize import Inputs as QuantizeInputs
 from vqfast.reference import IMPLEMENTATIONS as REFERENCE
+from vqfast.reference.vector_quantize_stats import code_stats
 
 cuda_host = pytest.importorskip("vqfast.cuda_host", reason="vqfast._C_cuda_host is not built")
 HOST = cuda_host.IMPLEMENTATIONS
@@ -190,13 +191,21 @@ def test_nearest_code_empty():
 
 
 def run_quantize(z, codebook, dim, dtype, seed=5):
-    """Forward and backward on the host and the reference, compared; indices equal."""
+    """Forward and backward on the host and the reference, compared; indices equal. With statistics
+    (the atomic or the sorted sums, as the deterministic mode says): the same first three outputs, the
+    reference's counts exactly and its sums within float32's tolerance."""
     assert HOST["vector_quantize"].unsupported(QuantizeInputs(z, codebook, 1.0, 0.25, dim)) == ""
     host = HOST["vector_quantize"].forward(z, codebook, 1.0, 0.25, dim)
     ref = REFERENCE["vector_quantize"].forward(z, codebook, 1.0, 0.25, dim)
     assert_matches(host[0], ref[0], dtype, layout=True)
     assert_matches(host[1], ref[1], dtype)
     assert torch.equal(host[2], ref[2])
+    with_stats = HOST["vector_quantize_stats"].forward(z, codebook, 1.0, 0.25, dim)
+    for actual, expected in zip(with_stats[:3], host):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    counts, sums = code_stats(z, ref[2], codebook.shape[0], dim)
+    assert torch.equal(with_stats[3], counts)
+    assert_matches(with_stats[4], sums)
     g = _gen(seed)
     grad_z_q = torch.randn(z.shape, generator=g).to(dtype).contiguous(memory_format=memory_format(z))
     grad_loss = torch.tensor(1.5, dtype=dtype)
@@ -222,6 +231,18 @@ def test_vector_quantize_deterministic_is_reproducible(dtype):
                                                   torch.zeros(700, dtype=torch.long), 1.0, 0.25, 1)[1]
                  for _ in range(2)]
     assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vector_quantize_stats_deterministic_is_reproducible(dtype):
+    """The sorted sums of the statistics, all 700 rows in one code (segments across many chunks) and
+    spread over codes: twice, bit for bit."""
+    for k in (1, 9):
+        z, codebook = near_codes(7, (700,), k, 4, dtype)
+        with deterministic(True):
+            first, second = (HOST["vector_quantize_stats"].forward(z, codebook, 1.0, 0.25, 1) for _ in range(2))
+        assert torch.equal(first[3], second[3]) and torch.equal(first[4], second[4])
+        assert first[3].sum() == 700
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16])

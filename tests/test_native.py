@@ -17,11 +17,12 @@ from vqfast.ops.nearest_code import Inputs as NearestInputs
 from vqfast.ops.vector_quantize import Inputs as QuantizeInputs
 from vqfast.reference import group_norm_act as ref_gn
 from vqfast.reference import nearest_code as ref_nc
+from vqfast.reference.vector_quantize_stats import code_stats
 
 native = pytest.importorskip("vqfast.native", reason="vqfast._C is not built")
 ops = torch.ops.vqfast_C
 INPUTS = {"nearest_code": NearestInputs, "group_norm_act": NormInputs, "vector_quantize": QuantizeInputs,
-          "codebook_gather": GatherInputs}
+          "vector_quantize_stats": QuantizeInputs, "codebook_gather": GatherInputs}
 
 
 def _gen(seed):
@@ -40,7 +41,7 @@ def test_implementations_are_the_ops_with_the_lowered_schemas(op):
     impl = native.IMPLEMENTATIONS[op]
     assert impl.forward is getattr(ops, op)
     if op != "nearest_code":
-        assert impl.backward is getattr(ops, f"{op}_backward")
+        assert impl.backward is getattr(ops, f"{op.removesuffix('_stats')}_backward")
     assert native.ARGUMENTS[op] == INPUTS[op]._fields
 
 
@@ -179,6 +180,26 @@ def test_codebook_grad_is_deterministic_whatever_the_threads():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(r, runs[0]) for r in runs)
+
+
+def test_code_stats_are_deterministic_whatever_the_threads():
+    """Counts and sums of many rows over a few codes (several parts of rows, each summed by one
+    thread): the same bits at any thread count, and the reference's counts and sums."""
+    g = _gen(8)
+    z, cb = torch.randn(2, 8, 70, 64, generator=g), torch.randn(5, 8, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, threads, 1):
+            torch.set_num_threads(n)
+            runs.append(ops.vector_quantize_stats(z, cb, 1.0, 0.25, 1))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs:
+        assert torch.equal(run[3], runs[0][3]) and torch.equal(run[4], runs[0][4])
+    counts, sums = code_stats(z, runs[0][2], cb.shape[0], 1)
+    assert torch.equal(runs[0][3], counts)
+    torch.testing.assert_close(runs[0][4], sums, rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------- issue 11 defects at the torch.ops level

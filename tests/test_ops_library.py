@@ -21,6 +21,7 @@ def _cases():
     return {
         "nearest_code": (torch.ops.vqfast.nearest_code.default, (z.detach(), cb.detach(), 1)),
         "vector_quantize": (torch.ops.vqfast.vector_quantize.default, (z, cb, 1.0, 0.25, 1)),
+        "vector_quantize_stats": (torch.ops.vqfast.vector_quantize_stats.default, (z, cb, 1.0, 0.25, 1)),
         "codebook_gather": (torch.ops.vqfast.codebook_gather.default, (torch.tensor([[1, 6], [0, 3]]), cb, 1)),
         "codebook_gather 0-d": (torch.ops.vqfast.codebook_gather.default, (torch.tensor(3), cb, 0)),
         "group_norm_act": (torch.ops.vqfast.group_norm_act.default, (x, 2, w, b, None, None, None, 1e-6, True)),

@@ -28,6 +28,7 @@ triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from vqfast import layout  # noqa: E402
+from vqfast.reference.vector_quantize_stats import code_stats  # noqa: E402
 
 INTERPRETED = isinstance(triton.language.zeros, InterpretedFunction)
 HAS_CUDA = torch.cuda.is_available()
@@ -340,6 +341,12 @@ def test_search_at_model_dims(device, dtype, d, memory_format):
     z_q, _, vq_indices = vector_quantize.forward(z, codebook, 1.0, 0.25, 1)
     assert torch.equal(vq_indices, indices.view(-1))
     torch.testing.assert_close(z_q.float(), codebook[indices].movedim(-1, 1).float(), rtol=1e-2, atol=1e-2)
+    # With statistics (atomics): the same outputs, the rows counted and summed per code.
+    z_q_stats, _, stats_indices, counts, sums = vector_quantize.forward_stats(z, codebook, 1.0, 0.25, 1)
+    assert torch.equal(z_q_stats, z_q) and torch.equal(stats_indices, vq_indices)
+    expected_counts, expected_sums = code_stats(z, vq_indices, codebook.shape[0], 1)
+    assert torch.equal(counts, expected_counts)
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

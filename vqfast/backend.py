@@ -15,7 +15,8 @@ Selection: a default for all ops (``auto``, ``torch``, ``triton`` or ``native``)
 from ``VQFAST_BACKEND`` (read at import: ``"auto,group_norm_act=triton,nearest_code=native"``), from
 :func:`set_backend` (the process default) and from :func:`use_backend` blocks. A block lives in a
 :class:`contextvars.ContextVar`: it holds for its own thread and asyncio task only, nested blocks
-compose op by op, and leaving one restores exactly what was there.
+compose op by op, and leaving one restores exactly what was there. A variant op (``VARIANT_OF``) follows
+the selection of the op it varies unless named itself.
 
 A backend asked for by name that cannot run the inputs raises with the reason. ``auto`` tries, per op
 and device type, the order measured in ``benchmarks/results/`` (``vqfast/auto_order.json``, derived from
@@ -36,7 +37,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-OPS = ("nearest_code", "group_norm_act", "vector_quantize", "codebook_gather")
+OPS = ("nearest_code", "group_norm_act", "vector_quantize", "vector_quantize_stats", "codebook_gather")
+# Ops that are variants of another (vector_quantize_stats: vector_quantize that also returns per-code
+# counts and sums): selected as it unless named themselves, and tried by auto in its measured order.
+VARIANT_OF = {"vector_quantize_stats": "vector_quantize"}
 BACKENDS = ("torch", "triton", "native", "cuda_host")
 EMULATED = ("cuda_host",)  # run GPU code on the CPU for tests: never picked by auto, never benchmarked
 
@@ -147,6 +151,8 @@ class Selection(NamedTuple):
         return Selection(outer.default, {**outer.per_op, **self.per_op})
 
     def name(self, op: str) -> str:
+        if op not in self.per_op and op in VARIANT_OF:
+            return self.name(VARIANT_OF[op])
         return self.per_op.get(op, self.default or "auto")
 
 
@@ -223,7 +229,7 @@ def choose(op: str, inputs: Any, device: torch.device) -> str:
     """The concrete backend that runs ``op`` on ``inputs`` (whose tensors are on ``device``)."""
     name = selected(op)
     if name == "auto":
-        for candidate in auto_order().get(device.type, {}).get(op, ()):
+        for candidate in auto_order().get(device.type, {}).get(VARIANT_OF.get(op, op), ()):
             if not _reason(candidate, op, inputs):
                 return candidate
         return "torch"

@@ -4,6 +4,11 @@
 // row, the rows' sums added in double in a fixed order. Backward: grad_z in one pass; the codebook
 // gradient by scatter_rows (deterministic whatever the thread count).
 //
+// vector_quantize_stats: the same pass also counts the rows of each code and sums them in float32. The
+// rows fall into parts of whole row blocks, fixed by N and K (never by the thread count); a thread takes
+// a part, sums its rows per code in row order into accumulators of the part's own, and the parts are
+// added in part order: the same bits on every run, whatever the thread count.
+//
 // Rows are read and written in place (NCHW, channels_last or strided) in blocks (row_blocks.h).
 #include "cpu/nearest_code.h"
 #include "cpu/row_blocks.h"
@@ -13,28 +18,56 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace vqfast {
 namespace cpu {
 namespace {
 
+// Per-code statistics of one forward pass: float32 counts (K) and sums (K x D), contiguous.
+struct CodeStats {
+  float* counts;
+  float* sums;
+};
+
+// Parts of the statistics: at least 4 K rows each, so that zeroing and adding a part's K x (D + 1)
+// accumulators costs at most about a quarter of its rows' work, and at most kStatsMaxParts.
+constexpr int64_t kStatsMaxParts = 64;
+int64_t stats_parts(int64_t blocks, int64_t K) {
+  const int64_t blocks_per_part = ceil_div(std::max<int64_t>(4 * K, kRowBlock), kRowBlock);
+  return std::max<int64_t>(1, std::min(kStatsMaxParts, blocks / blocks_per_part));
+}
+
+// The forward pass over z's rows; with `stats`, also the rows' counts and sums per code.
 template <typename T>
 double forward_kernel(const at::Tensor& z, const Rows& zr, const at::Tensor& codebook, const int64_t* idx,
-                      T* out, const Rows& outr) {
+                      T* out, const Rows& outr, const CodeStats* stats) {
   const T* zp = z.const_data_ptr<T>();
   const T* cb = codebook.const_data_ptr<T>();
-  const int64_t N = zr.count(), D = codebook.size(1), cs0 = codebook.stride(0), cs1 = codebook.stride(1);
-  std::vector<double> block_sum((N + kRowBlock - 1) / kRowBlock);
-  for_row_blocks(N, [&](int64_t blk, int64_t r0, int64_t n) {
-    int64_t zo[kRowBlock], oo[kRowBlock], co[kRowBlock];
+  const int64_t N = zr.count(), K = codebook.size(0), D = codebook.size(1);
+  const int64_t cs0 = codebook.stride(0), cs1 = codebook.stride(1);
+  const int64_t blocks = ceil_div(N, kRowBlock);
+  std::vector<double> block_sum(blocks);
+  // Block blk of n rows from r0; kStats: its rows also added to `sums` and `counts`, in row order.
+  auto quantize = [&](auto with_stats, int64_t blk, int64_t r0, int64_t n, float* sums, int64_t* counts) {
+    constexpr bool kStats = decltype(with_stats)::value;
+    int64_t zo[kRowBlock], oo[kRowBlock], co[kRowBlock], so[kRowBlock];
     float sum[kRowBlock] = {};
     offsets(zr, r0, n, zo);
     offsets(outr, r0, n, oo);
     for (int64_t i = 0; i < n; ++i) co[i] = idx[r0 + i] * cs0;
+    if constexpr (kStats) {
+      for (int64_t i = 0; i < n; ++i) {
+        so[i] = idx[r0 + i] * D;
+        ++counts[idx[r0 + i]];
+      }
+    }
     for (int64_t d = 0; d < D; ++d) {
       for (int64_t i = 0; i < n; ++i) {
         const float zv = static_cast<float>(zp[zo[i] + d * zr.d_stride]);
@@ -42,19 +75,52 @@ double forward_kernel(const at::Tensor& z, const Rows& zr, const at::Tensor& cod
         const float diff = qv - zv;
         out[oo[i] + d * outr.d_stride] = static_cast<T>(zv + static_cast<float>(static_cast<T>(diff)));
         sum[i] += diff * diff;
+        if constexpr (kStats) sums[so[i] + d] += zv;
       }
     }
     double s = 0;
     for (int64_t i = 0; i < n; ++i) s += sum[i];
     block_sum[blk] = s;
-  });
+  };
+  if (stats == nullptr) {
+    for_row_blocks(N, [&](int64_t blk, int64_t r0, int64_t n) {
+      quantize(std::false_type{}, blk, r0, n, nullptr, nullptr);
+    });
+  } else {
+    // Part 0 sums into the output, the others into scratch added to it in part order.
+    const int64_t parts = stats_parts(blocks, K);
+    std::vector<float> part_sums((parts - 1) * K * D, 0.f);
+    std::vector<int64_t> part_counts(parts * K, 0);
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t part = begin; part < end; ++part) {
+        float* sums = part == 0 ? stats->sums : part_sums.data() + (part - 1) * K * D;
+        int64_t* counts = part_counts.data() + part * K;
+        for (int64_t blk = part * blocks / parts; blk < (part + 1) * blocks / parts; ++blk) {
+          const int64_t r0 = blk * kRowBlock;
+          quantize(std::true_type{}, blk, r0, std::min(kRowBlock, N - r0), sums, counts);
+        }
+      }
+    });
+    at::parallel_for(0, K, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        int64_t count = part_counts[k];
+        for (int64_t part = 1; part < parts; ++part) {
+          count += part_counts[part * K + k];
+          const float* add = part_sums.data() + (part - 1) * K * D + k * D;
+          for (int64_t d = 0; d < D; ++d) stats->sums[k * D + d] += add[d];
+        }
+        stats->counts[k] = static_cast<float>(count);
+      }
+    });
+  }
   double total = 0;
   for (double s : block_sum) total += s;
   return total;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor& z, const at::Tensor& codebook,
-                                                               double w_z, double w_q, int64_t dim) {
+// z_q, loss and indices; with `stats`, also the counts and sums it points to (zeroed (K), (K, D) float32).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& z, const at::Tensor& codebook, double w_z,
+                                                        double w_q, int64_t dim, const CodeStats* stats) {
   at::Tensor indices = nearest_code(z, codebook, dim).reshape(-1);  // checks devices, dtypes, sizes, dim
   at::Tensor z_q = at::empty_like(z);
   const Rows zr = rows_in_place(z, dim, "vector_quantize");
@@ -63,13 +129,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor&
   dispatch_float(z.scalar_type(), "vector_quantize", [&](auto tag) {
     using scalar_t = decltype(tag);
     const double total = forward_kernel<scalar_t>(z, zr, codebook, indices.const_data_ptr<int64_t>(),
-                                                  z_q.mutable_data_ptr<scalar_t>(), qr);
+                                                  z_q.mutable_data_ptr<scalar_t>(), qr, stats);
     if (z.numel() > 0) {
       const float mse = static_cast<float>(total / static_cast<double>(z.numel()));
       loss = static_cast<float>(w_z) * mse + static_cast<float>(w_q) * mse;
     }
   });
   return {z_q, at::full({}, loss, z.options()), indices};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor& z, const at::Tensor& codebook,
+                                                               double w_z, double w_q, int64_t dim) {
+  return quantize(z, codebook, w_z, w_q, dim, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vector_quantize_stats(
+    const at::Tensor& z, const at::Tensor& codebook, double w_z, double w_q, int64_t dim) {
+  TORCH_CHECK(codebook.dim() == 2, "vector_quantize_stats: codebook must be (K, D)");
+  const auto options = codebook.options().dtype(at::kFloat);
+  at::Tensor counts = at::zeros({codebook.size(0)}, options);
+  at::Tensor sums = at::zeros({codebook.size(0), codebook.size(1)}, options);
+  const CodeStats stats{counts.mutable_data_ptr<float>(), sums.mutable_data_ptr<float>()};
+  auto [z_q, loss, indices] = quantize(z, codebook, w_z, w_q, dim, &stats);
+  return {z_q, loss, indices, counts, sums};
 }
 
 template <typename T>
@@ -144,5 +226,6 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_backward(const at::Tensor& gr
 
 TORCH_LIBRARY_IMPL(vqfast_C, CPU, m) {
   m.impl("vector_quantize", &vqfast::cpu::vector_quantize);
+  m.impl("vector_quantize_stats", &vqfast::cpu::vector_quantize_stats);
   m.impl("vector_quantize_backward", &vqfast::cpu::vector_quantize_backward);
 }

@@ -2,7 +2,9 @@
 // the straight-through value z + (q - z) rounded to z's dtype after each operation as torch does (so it
 // equals diffusers' value bit for bit) and squares q - z in float32; the squares are summed in a fixed
 // tree per block (warp shuffles), then the blocks' sums in double in a fixed order, so the loss is
-// deterministic.
+// deterministic. With statistics (vector_quantize_stats) the same threads count each code's rows
+// (64-bit integer atomics: exact, order-free) and add z into its code's sum (float32 atomics), or, under
+// torch.use_deterministic_algorithms, scatter_rows.cuh's deterministic form sums them after the pass.
 // Backward: grad_z by one thread per element, as the forward; the codebook gradient by scatter_rows.cuh.
 // Indices and offsets are 32-bit where they fit (with_index).
 #include "cuda/vector_quantize.h"
@@ -15,8 +17,8 @@ namespace {
 
 constexpr int kQuantizeThreads = 128;  // small blocks: (256, 64) latents already make 128 of them
 
-// One thread per element (row_elem's order, so loads coalesce either way).
-template <typename T, typename Index>
+// One thread per element (row_elem's order, so loads coalesce either way); kStats: also the statistics.
+template <typename T, typename Index, bool kStats>
 __global__ void __launch_bounds__(kQuantizeThreads) forward_kernel(const VectorQuantizeParams p) {
   __shared__ float shared[kQuantizeThreads];
   const Index e = static_cast<Index>(blockIdx.x) * kQuantizeThreads + static_cast<Index>(threadIdx.x);
@@ -26,19 +28,28 @@ __global__ void __launch_bounds__(kQuantizeThreads) forward_kernel(const VectorQ
     const RowElem<Index> el = row_elem(e, N, D, p.z_rows.d_stride == 1);
     const float zv = to_float(static_cast<const T*>(p.z)[offset_in(p.z_rows, el)]);
     const T* code = static_cast<const T*>(p.cb.data);
-    const float cv = to_float(code[code_offset(p.cb, static_cast<Index>(p.index[el.row]), el.d)]);
+    const Index k = static_cast<Index>(p.index[el.row]);
+    const float cv = to_float(code[code_offset(p.cb, k, el.d)]);
     const float diff = cv - zv;
     static_cast<T*>(p.z_q)[offset_in(p.z_q_rows, el)] = from_float<T>(zv + to_float(from_float<T>(diff)));
     sq = diff * diff;
+    if constexpr (kStats) {
+      if (el.d == 0) atomicAdd(p.code_rows + k, 1ull);
+      if (p.order == nullptr) atomicAdd(p.sums + k * D + el.d, zv);
+    }
   }
   sq = block_reduce(sq, shared, Plus{});
   if (threadIdx.x == 0) p.part[blockIdx.x] = sq;
 }
 
-// One block: loss = w_z * mse + w_q * mse in z's dtype, NaN for no elements (as torch.mean).
+// One block: loss = w_z * mse + w_q * mse in z's dtype, NaN for no elements (as torch.mean); with
+// statistics, the counts as float32.
 template <typename T>
 __global__ void __launch_bounds__(kQuantizeThreads) loss_kernel(const VectorQuantizeParams p, int64_t blocks) {
   __shared__ double shared[kQuantizeThreads];
+  if (p.counts != nullptr) {
+    for (int64_t k = threadIdx.x; k < p.cb.K; k += kQuantizeThreads) p.counts[k] = static_cast<float>(p.code_rows[k]);
+  }
   double s = 0;
   for (int64_t i = threadIdx.x; i < blocks; i += kQuantizeThreads) s += p.part[i];
   s = block_reduce(s, shared, Plus{});
@@ -92,6 +103,17 @@ struct CodeOf {
   }
 };
 
+// Row r's contribution to its code's sum: z's row itself.
+template <typename T>
+struct RowOfZ {
+  const void* z;
+  Rows z_rows;
+  template <typename Index>
+  __device__ float operator()(Index r, Index, Index d) const {
+    return to_float(static_cast<const T*>(z)[offset_in(z_rows, RowElem<Index>{r, d})]);
+  }
+};
+
 }  // namespace
 
 int64_t vector_quantize_blocks(int64_t rows, int64_t D) { return ceil_div(rows * D, kQuantizeThreads); }
@@ -104,16 +126,28 @@ int64_t largest_index(const Rows& rows, const CodebookView& cb) {
 }
 
 cudaError_t vector_quantize(const VectorQuantizeParams& p, cudaStream_t stream) {
-  const int64_t blocks = vector_quantize_blocks(p.z_rows.count(), p.cb.D);
-  const int64_t largest = std::max(largest_index(p.z_rows, p.cb), max_offset(p.z_q_rows, p.cb.D));
+  const int64_t N = p.z_rows.count(), blocks = vector_quantize_blocks(N, p.cb.D);
+  const bool stats = p.sums != nullptr;
+  const int64_t largest = std::max({largest_index(p.z_rows, p.cb), max_offset(p.z_q_rows, p.cb.D),
+                                    stats ? p.cb.K * p.cb.D : int64_t{0}});
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (blocks > 0) {
       with_index(largest, [&](auto index_tag) {
-        launch(forward_kernel<T, decltype(index_tag)>, static_cast<unsigned>(blocks), kQuantizeThreads, 0, stream, p);
+        using Index = decltype(index_tag);
+        const unsigned grid = static_cast<unsigned>(blocks);
+        if (stats) {
+          launch(forward_kernel<T, Index, true>, grid, kQuantizeThreads, 0, stream, p);
+        } else {
+          launch(forward_kernel<T, Index, false>, grid, kQuantizeThreads, 0, stream, p);
+        }
       });
     }
     launch(loss_kernel<T>, 1, kQuantizeThreads, 0, stream, p, blocks);
+    if (stats && p.order != nullptr) {
+      const ScatterParams s{N, p.order, p.start, p.cb.K, p.cb.D, p.sums, p.scatter_part};
+      scatter_rows(s, CodeOf{p.index}, RowOfZ<T>{p.z, p.z_rows}, largest, stream);
+    }
   });
 }
 

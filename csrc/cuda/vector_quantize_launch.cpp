@@ -7,14 +7,17 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 namespace vqfast {
 namespace cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize_cuda(const at::Tensor& z, const at::Tensor& codebook,
-                                                                    double w_z, double w_q, int64_t dim) {
+using Quantized = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (z_q, loss, indices, counts, sums); counts and sums only with `stats` (undefined otherwise).
+Quantized quantize(const at::Tensor& z, const at::Tensor& codebook, double w_z, double w_q, int64_t dim, bool stats) {
   at::Tensor indices = nearest_code_cuda(z, codebook, dim).reshape(-1);  // checks devices, dtypes, sizes, dim
   const DeviceGuard guard(z.device());
   at::Tensor z_q = at::empty_like(z);
@@ -32,8 +35,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize_cuda(const at::Te
   p.w_z = static_cast<float>(w_z);
   p.w_q = static_cast<float>(w_q);
   p.loss = loss.mutable_data_ptr();
+  at::Tensor code_rows, counts;
+  std::optional<CodeSegments> sums;  // its out: zeroed for the atomic form, else with the sorted rows
+  if (stats) {
+    const int64_t K = codebook.size(0);
+    code_rows = at::zeros({K}, z.options().dtype(at::kLong));
+    counts = at::empty({K}, z.options().dtype(at::kFloat));
+    sums.emplace(indices, K, codebook.size(1));
+    p.code_rows = reinterpret_cast<unsigned long long*>(code_rows.mutable_data_ptr<int64_t>());
+    p.counts = counts.mutable_data_ptr<float>();
+    p.sums = sums->out.mutable_data_ptr<float>();
+    p.order = sums->order_ptr();
+    p.start = sums->start_ptr();
+    p.scatter_part = sums->part_ptr();
+  }
   check(vector_quantize(p, stream()), "vector_quantize");
+  return {z_q, loss, indices, counts, stats ? sums->out : at::Tensor()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize_cuda(const at::Tensor& z, const at::Tensor& codebook,
+                                                                    double w_z, double w_q, int64_t dim) {
+  auto [z_q, loss, indices, counts, sums] = quantize(z, codebook, w_z, w_q, dim, false);
   return {z_q, loss, indices};
+}
+
+Quantized vector_quantize_stats_cuda(const at::Tensor& z, const at::Tensor& codebook, double w_z, double w_q,
+                                     int64_t dim) {
+  return quantize(z, codebook, w_z, w_q, dim, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> vector_quantize_backward_cuda(const at::Tensor& grad_z_q,
@@ -83,5 +111,6 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_backward_cuda(const at::Tenso
 
 VQFAST_CUDA_LIBRARY_IMPL(m) {
   m.impl("vector_quantize", &vqfast::cuda::vector_quantize_cuda);
+  m.impl("vector_quantize_stats", &vqfast::cuda::vector_quantize_stats_cuda);
   m.impl("vector_quantize_backward", &vqfast::cuda::vector_quantize_backward_cuda);
 }

@@ -39,8 +39,8 @@ def _load_extension() -> None:
 
 _load_extension()  # first: a failed import leaves no half-defined library behind
 
-NAMES = ("nearest_code", "group_norm_act", "group_norm_act_backward", "vector_quantize", "vector_quantize_backward",
-         "codebook_gather", "codebook_gather_backward")
+NAMES = ("nearest_code", "group_norm_act", "group_norm_act_backward", "vector_quantize", "vector_quantize_stats",
+         "vector_quantize_backward", "codebook_gather", "codebook_gather_backward")
 _LIBRARY = torch.library.Library("vqfast_cuda_host", "DEF")
 for _name in NAMES:
     _LIBRARY.define(str(getattr(torch.ops.vqfast_C, _name).default._schema).removeprefix("vqfast_C::"))
@@ -76,6 +76,11 @@ IMPLEMENTATIONS = {
     ),
     "vector_quantize": Implementation(
         ops.vector_quantize, ops.vector_quantize_backward, _search_unsupported(native.vector_quantize_unsupported)
+    ),
+    "vector_quantize_stats": Implementation(
+        ops.vector_quantize_stats,
+        ops.vector_quantize_backward,
+        _search_unsupported(native.vector_quantize_stats_unsupported),
     ),
     "codebook_gather": Implementation(
         ops.codebook_gather, ops.codebook_gather_backward, _on_cpu(native.codebook_gather_unsupported)

@@ -21,10 +21,15 @@ CUDA_MAX_K = 1 << 30  # the CUDA search keeps code indices in 32 bits
 _REBUILD = "rebuild it: pip install --no-build-isolation -e ."
 
 
+# The backward each op's autograd calls (vector_quantize_stats shares vector_quantize's); None: no backward.
+BACKWARD = {"nearest_code": None, "vector_quantize_stats": "vector_quantize_backward"}
+
+
 def _arguments(op: str) -> tuple[str, ...] | None:
     """The argument names of the built op and of its backward (None when the build lacks either)."""
     names = []
-    for name in (op, f"{op}_backward") if op != "nearest_code" else (op,):
+    backward = BACKWARD.get(op, f"{op}_backward")
+    for name in (op, backward) if backward else (op,):
         if not hasattr(torch.ops.vqfast_C, name):
             return None
         names.append(tuple(a.name for a in getattr(torch.ops.vqfast_C, name).default._schema.arguments))
@@ -70,6 +75,10 @@ def vector_quantize_unsupported(inputs) -> str:
     return _search_unsupported("vector_quantize", inputs)
 
 
+def vector_quantize_stats_unsupported(inputs) -> str:
+    return _search_unsupported("vector_quantize_stats", inputs)
+
+
 def codebook_gather_unsupported(inputs) -> str:
     indices = inputs.indices
     if reason := _runs("codebook_gather", inputs, inputs.codebook):
@@ -97,7 +106,10 @@ def group_norm_act_unsupported(inputs) -> str:
     return f"x's strides {x.stride()} are neither channels-first runs nor channels_last"
 
 
-ARGUMENTS = {op: _arguments(op) for op in ("nearest_code", "group_norm_act", "vector_quantize", "codebook_gather")}
+ARGUMENTS = {
+    op: _arguments(op)
+    for op in ("nearest_code", "group_norm_act", "vector_quantize", "vector_quantize_stats", "codebook_gather")
+}
 
 
 def _op(name: str):
@@ -119,6 +131,9 @@ IMPLEMENTATIONS = {
     ),
     "vector_quantize": Implementation(
         _op("vector_quantize"), _op("vector_quantize_backward"), vector_quantize_unsupported
+    ),
+    "vector_quantize_stats": Implementation(
+        _op("vector_quantize_stats"), _op("vector_quantize_backward"), vector_quantize_stats_unsupported
     ),
     "codebook_gather": Implementation(
         _op("codebook_gather"), _op("codebook_gather_backward"), codebook_gather_unsupported

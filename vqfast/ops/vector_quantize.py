@@ -1,4 +1,9 @@
-"""``vector_quantize``: diffusers' straight-through VectorQuantizer (search, gather, loss) as one op."""
+"""``vector_quantize``: diffusers' straight-through VectorQuantizer (search, gather, loss) as one op.
+
+Two custom ops share its lowering, backward and kernels: ``vqfast::vector_quantize`` and
+``vqfast::vector_quantize_stats``, which also returns per-code counts and sums (for EMA codebook
+updates), computed by each backend in the same pass as the quantization.
+"""
 
 from typing import NamedTuple
 
@@ -32,6 +37,16 @@ def _fake(z, codebook, w_z, w_q, dim):
     return torch.empty_like(z), z.new_empty(()), z.new_empty((n,), dtype=torch.long)
 
 
+def _stats_kernel(z: torch.Tensor, codebook: torch.Tensor, w_z: float, w_q: float, dim: int):
+    return backend.forward("vector_quantize_stats", Inputs(z, codebook, w_z, w_q, dim))
+
+
+def _stats_fake(z, codebook, w_z, w_q, dim):
+    k, d = codebook.shape
+    counts = z.new_empty((k,), dtype=torch.float32)
+    return *_fake(z, codebook, w_z, w_q, dim), counts, z.new_empty((k, d), dtype=_checks.statistics_dtype(z))
+
+
 def _backward_kernel(grad_z_q, grad_loss, z, codebook, indices, w_z: float, w_q: float, dim: int, backend_name: str):
     args = (grad_z_q, grad_loss, z, codebook, indices, w_z, w_q, dim)
     return backend.backward("vector_quantize", backend_name, *args)
@@ -46,6 +61,14 @@ _vector_quantize = _library.define(
     _kernel,
     _fake,
 )
+# (z_q, loss, indices, counts, sums): vector_quantize's, then float32 (K,) counts and (K, D) sums of the
+# rows that chose each code, in the statistics dtype.
+_vector_quantize_stats = _library.define(
+    "vector_quantize_stats(Tensor z, Tensor codebook, float w_z, float w_q, int dim)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _stats_kernel,
+    _stats_fake,
+)
 _vector_quantize_backward = _library.define(
     "vector_quantize_backward(Tensor grad_z_q, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices,"
     " float w_z, float w_q, int dim, str backend_name) -> (Tensor, Tensor)",
@@ -54,14 +77,19 @@ _vector_quantize_backward = _library.define(
 )
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, op: str = "vector_quantize"):
     lowered = Inputs(*inputs)
     ctx.save_for_backward(lowered.z, lowered.codebook, output[2])
     ctx.w_z, ctx.w_q, ctx.dim = lowered.w_z, lowered.w_q, lowered.dim
-    ctx.backend = backend.choose("vector_quantize", lowered, lowered.z.device)
+    ctx.backend = backend.choose(op, lowered, lowered.z.device)
 
 
-def _backward(ctx, grad_z_q, grad_loss, _grad_indices):
+def _stats_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[3:])  # counts and sums are statistics, not functions to train
+    _setup_context(ctx, inputs, output, "vector_quantize_stats")
+
+
+def _backward(ctx, grad_z_q, grad_loss, *_grad_rest):
     z, codebook, indices = ctx.saved_tensors
     grad_z_q = grad_z_q.contiguous(memory_format=layout.memory_format(z))
     grad_z, grad_codebook = _vector_quantize_backward(
@@ -71,11 +99,18 @@ def _backward(ctx, grad_z_q, grad_loss, _grad_indices):
 
 
 _library.differentiable(_vector_quantize, _backward, _setup_context)
+_library.differentiable(_vector_quantize_stats, _backward, _stats_setup_context)
 
 
 def vector_quantize(
-    z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25, legacy: bool = True, dim: int = 1
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    beta: float = 0.25,
+    legacy: bool = True,
+    dim: int = 1,
+    *,
+    return_stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Quantize every vector of ``z`` along ``dim`` to its nearest ``codebook`` row
     (:func:`~vqfast.ops.nearest_code`), as diffusers' ``VectorQuantizer.forward``: returns
     ``(z_q, loss, indices)``.
@@ -86,10 +121,20 @@ def vector_quantize(
     ``(w_z, w_q) = loss_weights(beta, legacy)``; ``indices`` are flat int64 in z's order with ``dim``
     removed. The backward scatters into the codebook gradient, deterministically when
     ``torch.are_deterministic_algorithms_enabled()``.
+
+    ``return_stats=True`` returns ``(z_q, loss, indices, counts, sums)``: float32 ``counts`` (K,), how
+    many vectors chose each code, and ``sums`` (K, D), their sum accumulated in float32 (float64 for
+    float64 z), both without gradient, computed in the quantization's own pass; deterministic when
+    ``torch.are_deterministic_algorithms_enabled()`` (the CPU kernels always are). z_q, loss, indices
+    and the gradients are those of ``return_stats=False``.
     """
     _checks.tensor("z", z)
     _checks.rank("z", z, at_least=2)
     dim = _checks.dim_index("dim", dim, z.dim())
     _checks.codebook(codebook, z, "z", dim)
     w_z, w_q = loss_weights(_checks.real("beta", beta), bool(legacy))
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__} {return_stats!r}")
+    if return_stats:
+        return _vector_quantize_stats(z, codebook, w_z, w_q, dim)
     return _vector_quantize(z, codebook, w_z, w_q, dim)

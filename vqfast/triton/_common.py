@@ -48,13 +48,14 @@ def unsupported_tensor(name: str, t: torch.Tensor) -> str:
     return ""
 
 
-def autotune(configs: list[triton.Config], key: list[str]):
+def autotune(configs: list[triton.Config], key: list[str], reset_to_zero: list[str] | None = None):
     """``triton.autotune``, except under the interpreter, which would time every config in numpy:
-    there the first config runs. Only for kernels that may safely run more than once per call. The
+    there the first config runs. Only for kernels that may safely run more than once per call, once
+    the outputs they accumulate into (``reset_to_zero``, which may be None) are zeroed again. The
     tuner's ``compiled_configs`` are all of them, as compiled for a GPU (benchmarks/resources.py)."""
 
     def decorate(fn):
-        tuner = triton.autotune(configs[:1] if interpreting() else configs, key=key)(fn)
+        tuner = triton.autotune(configs[:1] if interpreting() else configs, key=key, reset_to_zero=reset_to_zero)(fn)
         tuner.compiled_configs = configs
         return tuner
 

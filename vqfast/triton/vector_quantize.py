@@ -2,7 +2,12 @@
 :mod:`vqfast.triton.nearest_code`, then, for the same rows, the gather, ``z_q = z + (q - z)`` rounded
 in z's dtype as PyTorch rounds it, written in z's layout, and the loss's partial sums. The backward
 writes the input gradient and adds the codebook gradient with float32 atomics, or, when
-``torch.are_deterministic_algorithms_enabled()``, with a sorted segment sum."""
+``torch.are_deterministic_algorithms_enabled()``, with a sorted segment sum.
+
+``forward_stats`` (vector_quantize_stats) also counts each code's rows in the same kernel with int32
+atomics (exact and order-free, so deterministic) and sums them with float32 atomics; when
+``torch.are_deterministic_algorithms_enabled()`` the sums come from the sorted segment sum instead (the
+codebook gradient's: a fixed order, the same bits every run)."""
 
 from __future__ import annotations
 
@@ -24,13 +29,15 @@ from vqfast.triton.nearest_code import (
 )
 
 
-@autotune(SEARCH_CONFIGS, key=["K", "D", "PRECISION", "SEARCH"])
+@autotune(SEARCH_CONFIGS, key=["K", "D", "PRECISION", "SEARCH"], reset_to_zero=["counts_ptr", "sums_ptr"])
 @triton.jit
 def _forward_kernel(
     z_ptr,
     zq_ptr,
     idx_ptr,  # int64 (N,): the nearest code of each row, out with SEARCH
     partial_ptr,  # float32 out: sum of (q - z)^2 over each program's rows
+    counts_ptr,  # int32 (K,) zeroed, to count each code's rows into; or None
+    sums_ptr,  # float32 (K, D) contiguous zeroed, to sum each code's rows into; or None
     N,  # rows
     K,  # codes
     rows,  # layout.RowShape of z's rows (z_q's are the same)
@@ -45,7 +52,8 @@ def _forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Rows of z: nearest code, z_q and the sum of (q - z)^2 over the block."""
+    """Rows of z: nearest code, z_q and the sum of (q - z)^2 over the block; each code's rows counted
+    and summed with atomics where counts_ptr and sums_ptr are given."""
     pid = tl.program_id(0)
     row = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = row < N
@@ -59,6 +67,8 @@ def _forward_kernel(
         tl.store(idx_ptr + row, index, mask=row_mask)
     else:
         index = tl.load(idx_ptr + row, mask=row_mask, other=0)
+    if counts_ptr is not None:
+        tl.atomic_add(counts_ptr + index, tl.full((BLOCK_N,), 1, tl.int32), mask=row_mask)
     zq_off = row_offsets(row, rows, zq_strides)
     squares = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for d0 in range(0, D, BLOCK_D):  # z's rows come back from L1/L2, just read by the search
@@ -72,6 +82,8 @@ def _forward_kernel(
         z_q = round_to(z + step, zq_ptr.dtype.element_ty, INTERPRET)
         tl.store(zq_ptr + zq_off[:, None] + ds[None, :] * zq_strides.vector, z_q, mask=mask)
         squares += (q - z) * (q - z)
+        if sums_ptr is not None:
+            tl.atomic_add(sums_ptr + index[:, None] * D + ds[None, :], z, mask=mask)
     tl.store(partial_ptr + pid, tl.sum(tl.sum(squares, 1), 0))
 
 
@@ -115,7 +127,34 @@ def unsupported(inputs) -> str:
     return unsupported_rows(inputs.z, inputs.codebook, inputs.dim)
 
 
+def stats_unsupported(inputs) -> str:
+    if inputs.z.numel() // max(inputs.z.shape[inputs.dim], 1) >= 2**31:
+        return "the code counts are int32: fewer than 2**31 vectors"
+    return unsupported(inputs)
+
+
 def forward(z: Tensor, codebook: Tensor, w_z: float, w_q: float, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _quantize(z, codebook, w_z, w_q, dim, None, None)
+
+
+def forward_stats(
+    z: Tensor, codebook: Tensor, w_z: float, w_q: float, dim: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    k, d = codebook.shape
+    counts = torch.zeros(k, dtype=torch.int32, device=z.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    sums = torch.zeros((k, d), dtype=torch.float32, device=z.device)
+    z_q, loss, indices = _quantize(z, codebook, w_z, w_q, dim, counts, None if deterministic else sums)
+    if deterministic and indices.numel():
+        sums = segment_sum(z, dim, indices, k)
+    return z_q, loss, indices, counts.float(), sums
+
+
+def _quantize(
+    z: Tensor, codebook: Tensor, w_z: float, w_q: float, dim: int, counts: Tensor | None, sums: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """z_q, loss and indices; each code's rows counted into ``counts`` and summed into ``sums`` (zeroed)
+    where they are given."""
     z_q = torch.empty_like(z)
     n = z.movedim(dim, -1).shape[:-1].numel()
     indices = torch.empty(n, dtype=torch.long, device=z.device)
@@ -130,9 +169,9 @@ def forward(z: Tensor, codebook: Tensor, w_z: float, w_q: float, dim: int) -> tu
             nearest_rows(z, codebook, dim, indices)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _forward_kernel[grid](
-            z, z_q, indices, partial, n, codebook.shape[0], rows, z_strides, zq_strides, codebook_args, **meta,
-            SEARCH=search_here,
-        )
+            z, z_q, indices, partial, counts, sums, n, codebook.shape[0], rows, z_strides, zq_strides, codebook_args,
+            **meta, SEARCH=search_here,
+        )  # fmt: skip
     mse = partial.sum() / z.numel()  # NaN for an empty z, as torch.mean
     return z_q, (w_z * mse + w_q * mse).to(z.dtype), indices
 
