@@ -41,6 +41,9 @@ _load_extension()  # first: a failed import leaves no half-defined library behin
 
 NAMES = ("nearest_code", "group_norm_act", "group_norm_act_backward", "vector_quantize", "vector_quantize_stats",
          "vector_quantize_backward", "codebook_gather", "codebook_gather_backward")
+_missing = [name for name in NAMES if not hasattr(torch.ops.vqfast_C, name)]
+if _missing:  # a build older than the sources: the backend is unavailable, with the reason, not a crash
+    raise ImportError(f"vqfast._C lacks {', '.join(_missing)}: rebuild it: pip install --no-build-isolation -e .")
 _LIBRARY = torch.library.Library("vqfast_cuda_host", "DEF")
 for _name in NAMES:
     _LIBRARY.define(str(getattr(torch.ops.vqfast_C, _name).default._schema).removeprefix("vqfast_C::"))
