@@ -333,7 +333,7 @@ void forward_cl(View<const T> x, View<T> y, Shape sh, const float* w, const floa
       }
     }
   }
-  const SpatialRows rows(sp, SPATIAL ? sh.N : 0, C);
+  const SpatialRows rows(sp, sh.N, C);  // empty without scale/shift
   for_each_run(sh, [&](int64_t n, int64_t, int64_t s0, int64_t s1e) {
     const float* An = A.data() + n * C;
     const float* Bn = Bv.data() + n * C;
@@ -438,7 +438,7 @@ void backward_cl(View<const T> gy, View<const T> x, View<T> gx, Shape sh, const 
       }
     }
   }
-  const SpatialRows rows(sp, SPATIAL ? sh.N : 0, C);
+  const SpatialRows rows(sp, sh.N, C);  // empty without scale/shift
   for_each_run(sh, [&](int64_t n, int64_t, int64_t s0, int64_t s1e) {
     for (int64_t s = s0; s < s1e; ++s) {
       const float* sc = SPATIAL ? rows.scale_at(sp, n, s) : nullptr;
