@@ -36,7 +36,8 @@ def layer_type(op: str) -> str:
         return "norm"
     if "attention" in name or name in ("addmm", "bmm", "baddbmm", "linear", "matmul", "mm", "softmax", "_softmax"):
         return "attention"
-    if any(part in name for part in ("vector_quantize", "nearest_code", "codebook_gather", "cdist", "euclidean_dist", "argmin")):
+    quantizer_ops = ("vector_quantize", "nearest_code", "codebook_gather", "cdist", "euclidean_dist", "argmin")
+    if any(part in name for part in quantizer_ops):
         return "quantizer"
     return "other"
 

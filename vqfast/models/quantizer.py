@@ -73,12 +73,13 @@ class VectorQuantizer(nn.Module):
         batch's (over all ranks), and sets each code to their mean under Laplace smoothing ``eps``
         (:mod:`~vqfast.models.codebook_training`).
 
-        The two EMA buffers are registered here (float32, float64 for a float64 codebook), so they join the state_dict only now; they start
-        at one vector per code lying on the code itself (``ema_sum / ema_count`` is the codebook, a state
-        consistent from the first step; vector-quantize-pytorch starts its counts at zero and its sums at the
-        codebook, which divides an unused code by about eps). ``embedding.weight`` stops requiring gradient,
-        so enable EMA before building the optimizer and wrapping the model in DistributedDataParallel: the
-        loss keeps its value (diffusers' commit loss, both terms) but only its term for z has a gradient.
+        The two EMA buffers are registered here (float32, float64 for a float64 codebook), so they join the
+        state_dict only now; they start at one vector per code lying on the code itself (``ema_sum /
+        ema_count`` is the codebook, a state consistent from the first step; vector-quantize-pytorch starts
+        its counts at zero and its sums at the codebook, which divides an unused code by about eps).
+        ``embedding.weight`` stops requiring gradient, so enable EMA before building the optimizer and
+        wrapping the model in DistributedDataParallel: the loss keeps its value (diffusers' commit loss, both
+        terms) but only its term for z has a gradient.
         """
         decay, eps = _checks.real("decay", decay), _checks.real("eps", eps)
         if not 0.0 <= decay < 1.0:
